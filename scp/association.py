@@ -1,0 +1,232 @@
+"""The DICOM network edge: the only module that touches pynetdicom.
+
+Accepts every storage SOP class (unknown and private ones too, through
+pynetdicom's unrestricted storage service) with whatever transfer syntax the
+sender proposes first, plus Verification. Each C-STORE is received in chunks
+into a temp file in the store's tmp dir (same filesystem), handed to
+:class:`~scp.ingest.Ingest`, and answered only once the instance is durable and
+indexed. When an association ends — released, aborted or dropped — its report
+(with the studies it touched) goes to ``on_end`` on the association's thread;
+that callback must only enqueue work.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected
+from scp.records import Provenance
+
+log = logging.getLogger("scp.association")
+
+# Process-wide pynetdicom switches (a server process has one store):
+_config.STORE_RECV_CHUNKED_DATASET = True  # datasets go to a temp file, never decoded in memory
+_config.UNRESTRICTED_STORAGE_SERVICE = True  # unknown/private SOP classes are storage too
+_config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's per-message debug handlers cost time
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@dataclass
+class AssociationReport:
+    """What one association did, for the log line and for publication."""
+
+    association_id: str
+    calling_aet: str
+    called_aet: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    how: str = "open"  # released | aborted | closed
+    instances: int = 0
+    bytes: int = 0
+    failures: Counter[int] = field(default_factory=Counter)
+    studies: list[str] = field(default_factory=list)  # in first-touched order
+
+    @property
+    def seconds(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    def touch(self, studies: tuple[str, ...]) -> None:
+        for study in studies:
+            if study not in self.studies:
+                self.studies.append(study)
+
+
+@dataclass(frozen=True)
+class ListenerOptions:
+    host: str
+    port: int
+    aet: str
+    maximum_pdu_size: int = 131072
+    network_timeout: float | None = 60
+    acse_timeout: float = 30
+    dimse_timeout: float | None = 60
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with Nagle off on every accepted socket.
+
+    DICOM is request/response: with Nagle's algorithm a small C-STORE response
+    can wait for a delayed ACK, which caps a sender at tens of instances/s.
+    """
+
+    daemon_threads = True
+
+    def get_request(self) -> tuple[Any, Any]:
+        client, address = super().get_request()
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        return client, address
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket (the server was made, not registered, by the AE)."""
+        socketserver.TCPServer.shutdown(self)
+        self.server_close()
+
+
+class Listener:
+    """A running Storage SCP bound to one address."""
+
+    def __init__(self, options: ListenerOptions, ingest: Ingest,
+                 on_end: Callable[[AssociationReport], None]) -> None:
+        self.options = options
+        self._ingest = ingest
+        self._on_end = on_end
+        self._reports: dict[Any, AssociationReport] = {}
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        # pynetdicom creates its chunked-receive temp files in tempfile's default dir.
+        tempfile.tempdir = str(ingest.store.tmp_dir)
+        self._ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.options.aet)
+        ae.maximum_pdu_size = self.options.maximum_pdu_size
+        ae.network_timeout = self.options.network_timeout
+        ae.acse_timeout = self.options.acse_timeout
+        ae.dimse_timeout = self.options.dimse_timeout
+        ae.maximum_associations = 64
+        ae.add_supported_context(Verification)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when started on port 0)."""
+        assert self._server is not None, "listener not started"
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        self._server = self._ae.make_server(
+            (self.options.host, self.options.port), evt_handlers=handlers, server_class=_Server,
+        )
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"dicom-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("listening on %s:%d as %s", self.options.host, self.port, self.options.aet)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    # -- event handlers (run on each association's thread) --------------------------------
+
+    def _report(self, assoc: Any) -> AssociationReport:
+        with self._lock:
+            report = self._reports.get(assoc)
+            if report is None:
+                report = AssociationReport(
+                    association_id=uuid.uuid4().hex[:12],
+                    calling_aet=str(assoc.requestor.ae_title).strip(),
+                    called_aet=str(assoc.acceptor.ae_title).strip(),
+                    peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+                )
+                self._reports[assoc] = report
+            return report
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self._report(event.assoc)
+
+    def _on_c_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_c_store(self, event: evt.Event) -> int | Dataset:
+        report = self._report(event.assoc)
+        request = event.request
+        provenance = Provenance(
+            calling_aet=report.calling_aet, called_aet=report.called_aet, peer=report.peer,
+            association_id=report.association_id, received_at=time.time(),
+        )
+        try:
+            accepted = self._ingest.accept(
+                event.dataset_path,
+                sop_instance_uid=request.AffectedSOPInstanceUID,
+                sop_class_uid=request.AffectedSOPClassUID,
+                provenance=provenance,
+            )
+        except Rejected as exc:
+            return self._failure(report, exc.status, exc.comment, request)
+        except Exception as exc:  # a bug or an unexpected I/O error: the sender must not see success
+            log.exception("C-STORE of %s failed", request.AffectedSOPInstanceUID)
+            return self._failure(report, PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", request)
+        report.instances += 1
+        report.bytes += accepted.instance.size
+        report.touch(accepted.touched_studies)
+        return 0x0000
+
+    def _failure(self, report: AssociationReport, status: int, comment: str, request: Any) -> Dataset:
+        report.failures[status] += 1
+        log.warning("C-STORE rejected 0x%04X (%s) from %s %s: %s", status, report.calling_aet, report.peer,
+                    request.AffectedSOPInstanceUID, comment)
+        answer = Dataset()
+        answer.Status = status
+        answer.ErrorComment = comment[:64]
+        return answer
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._end(event.assoc, "released")
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._end(event.assoc, "aborted")
+
+    def _on_closed(self, event: evt.Event) -> None:
+        self._end(event.assoc, "closed")
+
+    def _end(self, assoc: Any, how: str) -> None:
+        """Report an association exactly once, however it ended."""
+        with self._lock:
+            report = self._reports.pop(assoc, None)
+        if report is None:
+            return
+        report.ended = time.monotonic()
+        report.how = how
+        self._on_end(report)

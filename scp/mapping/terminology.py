@@ -1,0 +1,149 @@
+"""Code systems, fixed codings and identifier systems used by the mapping (pure data + small lookups)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from scp.fhir_version import FhirVersion
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+SNOMED = "http://snomed.info/sct"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+ENDPOINT_CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+
+ACSN = {"coding": [{"system": V2_0203, "code": "ACSN"}]}
+PERFORMER = {"coding": [{"system": PARTICIPATION_TYPE, "code": "PRF", "display": "performer"}]}
+SECONDARY_PERFORMER = {"coding": [{"system": PARTICIPATION_TYPE, "code": "SPRF", "display": "secondary performer"}]}
+
+# DICOM PS3.16 CID 33 (Modality) code meanings for the modalities seen in practice.
+MODALITY_MEANINGS = {
+    "AR": "Autorefraction", "AU": "Audio", "BDUS": "Ultrasound Bone Densitometry",
+    "BI": "Biomagnetic Imaging", "BMD": "Bone Mineral Densitometry", "CR": "Computed Radiography",
+    "CT": "Computed Tomography", "DG": "Diaphanography", "DOC": "Document", "DX": "Digital Radiography",
+    "ECG": "Electrocardiography", "EPS": "Cardiac Electrophysiology", "ES": "Endoscopy",
+    "FID": "Fiducials", "GM": "General Microscopy", "HC": "Hard Copy", "HD": "Hemodynamic Waveform",
+    "IO": "Intra-oral Radiography", "IOL": "Intraocular Lens Calculation", "IVOCT": "Intravascular OCT",
+    "IVUS": "Intravascular Ultrasound", "KER": "Keratometry", "KO": "Key Object Selection",
+    "LEN": "Lensometry", "LS": "Laser Surface Scan", "MG": "Mammography", "MR": "Magnetic Resonance",
+    "NM": "Nuclear Medicine", "OAM": "Ophthalmic Axial Measurements", "OCT": "Optical Coherence Tomography",
+    "OP": "Ophthalmic Photography", "OPM": "Ophthalmic Mapping", "OPT": "Ophthalmic Tomography",
+    "OPV": "Ophthalmic Visual Field", "OSS": "Optical Surface Scanner", "OT": "Other",
+    "PLAN": "Plan", "PR": "Presentation State", "PT": "Positron emission tomography",
+    "PX": "Panoramic X-Ray", "REG": "Registration", "RESP": "Respiratory Waveform",
+    "RF": "Radio Fluoroscopy", "RG": "Radiographic imaging", "RTDOSE": "RT Dose",
+    "RTIMAGE": "RT Image", "RTPLAN": "RT Plan", "RTRECORD": "RT Treatment Record",
+    "RTSTRUCT": "RT Structure Set", "RWV": "Real World Value Map", "SEG": "Segmentation",
+    "SM": "Slide Microscopy", "SMR": "Stereometric Relationship", "SR": "SR Document",
+    "SRF": "Subjective Refraction", "STAIN": "Automated Slide Stainer", "TG": "Thermography",
+    "US": "Ultrasound", "VA": "Visual Acuity", "XA": "X-Ray Angiography",
+    "XC": "External-camera Photography",
+}
+
+# Modalities that describe derived or non-image objects (PS3.16 CID 32 "Non-Acquisition
+# Modality"); R4 keeps them out of the study-level modality list.
+NON_ACQUISITION_MODALITIES = frozenset({
+    "ANN", "DOC", "FID", "KO", "MPR", "PLAN", "PR", "REG", "RTDOSE", "RTPLAN", "RTRECORD", "RTSTRUCT",
+    "RWV", "SEG", "SMR", "SR", "CTPROTOCOL", "ASMT", "M3D",
+})
+
+# DICOM Laterality / Image Laterality → SNOMED CT (PS3.16 CID 244 "Laterality").
+LATERALITY = {
+    "R": {"system": SNOMED, "code": "24028007", "display": "Right"},
+    "L": {"system": SNOMED, "code": "7771000", "display": "Left"},
+    "B": {"system": SNOMED, "code": "51440002", "display": "Right and left"},
+}
+
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
+_URI = re.compile(r"(urn:|https?://)\S+", re.IGNORECASE)
+
+
+def modality(code: str | None) -> dict[str, Any]:
+    """A series modality as a CodeableConcept in the DCM system.
+
+    Modality is required in FHIR (1..1) and in DICOM (Type 1); when a dataset
+    lacks it, the element says so with a data-absent-reason instead of a
+    made-up code.
+    """
+    if not code:
+        return {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "unknown"}]}
+    coding = {"system": DCM, "code": code}
+    if code in MODALITY_MEANINGS:
+        coding["display"] = MODALITY_MEANINGS[code]
+    return {"coding": [coding]}
+
+
+def laterality(code: str | None) -> dict[str, Any] | None:
+    coding = LATERALITY.get((code or "").strip().upper())
+    return {"coding": [dict(coding)]} if coding else None
+
+
+def system_for_entity(entity_id: str | None, entity_type: str | None) -> str | None:
+    """A FHIR Identifier.system from a DICOM Universal Entity ID and its type (ISO, URI, UUID…)."""
+    if not entity_id:
+        return None
+    kind = (entity_type or "").strip().upper()
+    if kind == "ISO" or (not kind and _OID.fullmatch(entity_id)):
+        return f"urn:oid:{entity_id}"
+    if kind == "UUID":
+        return entity_id if entity_id.startswith("urn:uuid:") else f"urn:uuid:{entity_id.lower()}"
+    if kind in ("URI", "URL") or _URI.fullmatch(entity_id):
+        return entity_id
+    return None
+
+
+def issuer_from_sequence(items: Any) -> dict[str, Any]:
+    """Identifier.system/assigner from an HL7v2 Hierarchic Designator sequence (e.g. (0008,0051))."""
+    item = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+    system = system_for_entity(_text(item.get("UniversalEntityID")), _text(item.get("UniversalEntityIDType")))
+    local = _text(item.get("LocalNamespaceEntityID"))
+    result: dict[str, Any] = {}
+    if system:
+        result["system"] = system
+    if local:
+        result["assigner"] = {"display": local}
+    return result
+
+
+def issuer_of_patient_id(issuer: str | None, qualifiers: Any) -> dict[str, Any]:
+    """Identifier.system/assigner for a Patient ID: the qualifiers' universal ID, else the issuer text."""
+    item = qualifiers[0] if isinstance(qualifiers, list) and qualifiers and isinstance(qualifiers[0], dict) else {}
+    system = system_for_entity(_text(item.get("UniversalEntityID")), _text(item.get("UniversalEntityIDType")))
+    if system is None and issuer:
+        system = system_for_entity(issuer, None)
+    result: dict[str, Any] = {}
+    if system:
+        result["system"] = system
+    if issuer:
+        result["assigner"] = {"display": issuer}
+    return result
+
+
+def wado_rs_endpoint(url: str, version: FhirVersion) -> dict[str, Any]:
+    """The contained Endpoint a study's ``endpoint`` points at (``#wado-rs``)."""
+    connection = {"system": ENDPOINT_CONNECTION_TYPE, "code": "dicom-wado-rs"}
+    endpoint: dict[str, Any] = {
+        "resourceType": "Endpoint",
+        "id": "wado-rs",
+        "status": "active",
+        "address": url.rstrip("/"),
+    }
+    if version is FhirVersion.R4:
+        endpoint["connectionType"] = connection
+        endpoint["payloadType"] = [{"text": "DICOM"}]
+        endpoint["payloadMimeType"] = ["application/dicom"]
+    else:
+        endpoint["connectionType"] = [{"coding": [connection]}]
+        endpoint["payload"] = [{"type": [{"text": "DICOM"}], "mimeType": ["application/dicom"]}]
+    return endpoint
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not isinstance(value, str):
+        return None
+    value = value.strip("\x00 ")
+    return value or None

@@ -1,0 +1,94 @@
+"""Wires the steps together: listener → ingest (store + index) → publisher → sinks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from scp.association import AssociationReport, Listener, ListenerOptions
+from scp.index import INDEX_FILE, Index
+from scp.ingest import Ingest
+from scp.mapping.imaging_study import MappingOptions
+from scp.publish import Publisher
+from scp.reconcile import reconcile
+from scp.settings import Settings
+from scp.sinks.base import Sink
+from scp.sinks.directory import DirectorySink
+from scp.store import Store
+
+log = logging.getLogger("scp.server")
+
+
+class Server:
+    """One imagingstudy-scp instance over one data dir."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.data_dir, fsync=settings.fsync)
+        self.index = Index(self.store.data_dir / INDEX_FILE)
+        self.fhir_dir = self.store.data_dir / "fhir"
+        self.sinks: list[Sink] = [DirectorySink(self.fhir_dir, fsync=settings.fsync)]
+        self.publisher = Publisher(self.index, self.sinks, self.mapping_options(), self.fhir_dir / "rejected")
+        self.listener = Listener(
+            ListenerOptions(host=settings.host, port=settings.port, aet=settings.aet,
+                            maximum_pdu_size=settings.max_pdu_size),
+            Ingest(self.store, self.index),
+            on_end=self._association_ended,
+        )
+        self._stopped = threading.Event()
+
+    def mapping_options(self) -> MappingOptions:
+        s = self.settings
+        return MappingOptions(version=s.fhir_version, local_zone=s.local_zone(), wado_rs_url=s.wado_rs_url,
+                              log_phi=s.log_phi)
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    def start(self) -> None:
+        """Recover from any earlier stop, then accept associations."""
+        removed = self.store.clean_tmp()
+        if removed:
+            log.info("removed %d temp files left by an earlier stop", removed)
+        changed = reconcile(self.store, self.index)
+        self.publisher.start()
+        backlog = sorted(set(changed) | set(self.index.unpublished_studies()))
+        if backlog:
+            log.info("publishing %d studies not published before the last stop", len(backlog))
+            self.publisher.submit(backlog)
+        self.listener.start()
+
+    def stop(self) -> None:
+        """Stop accepting, finish queued publications, close the index."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.listener.stop()
+        self.publisher.stop()
+        self.index.close()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def __enter__(self) -> "Server":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _association_ended(self, report: AssociationReport) -> None:
+        failures = ",".join(f"0x{s:04X}:{n}" for s, n in sorted(report.failures.items())) or "none"
+        log.info("association %s %s calling=%s called=%s peer=%s instances=%d bytes=%d seconds=%.3f "
+                 "studies=%d failures=%s", report.association_id, report.how, report.calling_aet,
+                 report.called_aet, report.peer, report.instances, report.bytes, report.seconds,
+                 len(report.studies), failures)
+        if report.studies:
+            self.publisher.submit(report.studies, ended_at=report.ended)
+
+
+def data_dir_index(data_dir: Path) -> Index:
+    """Open the index of a data dir (for admin commands that run beside the server)."""
+    return Index(Path(data_dir) / INDEX_FILE)

@@ -1,0 +1,51 @@
+"""The default sink: ``<data-dir>/fhir/ImagingStudy/<StudyInstanceUID>.json``, written atomically."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from scp.sinks.base import Delivery, Publication
+
+
+class DirectorySink:
+    """Writes each ImagingStudy as one JSON file whose name is the resource id (the Study Instance UID)."""
+
+    name = "directory"
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.folder = self.root / "ImagingStudy"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+
+    def path_for(self, study_uid: str) -> Path:
+        return self.folder / f"{study_uid}.json"
+
+    def publish(self, publication: Publication) -> Delivery:
+        path = self.path_for(publication.study_uid)
+        write_json_atomically(path, publication.resource, fsync=self._fsync)
+        return Delivery(self.name, str(path))
+
+
+def write_json_atomically(path: Path, document: Any, *, fsync: bool = True) -> None:
+    """Write ``document`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    data = orjson.dumps(document, option=orjson.OPT_INDENT_2)
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        if fsync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(temp, path)
+    if fsync:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

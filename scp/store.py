@@ -1,0 +1,118 @@
+"""The durable file store: ``<data-dir>/studies/<study>/<series>/<sop>.dcm``.
+
+A file becomes visible under ``studies/`` only by an atomic rename of a fully
+written, fsync'ed file from ``<data-dir>/tmp`` (same filesystem), followed by an
+fsync of the directory that received it. So a crash can leave a stray temp
+file, never a partial instance.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from scp.records import InstanceHeader
+from scp.uids import check_uid
+
+STUDIES = "studies"
+TMP = "tmp"
+
+
+class Store:
+    """Places received files durably at their final path and finds them again."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.studies_dir = self.data_dir / STUDIES
+        self.tmp_dir = self.data_dir / TMP
+        self._fsync = fsync
+        for directory in (self.data_dir, self.studies_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def relative_path(header: InstanceHeader) -> str:
+        """The instance's path relative to the data dir (UIDs checked again: paths are built from them)."""
+        study = check_uid(header.study_uid, "Study Instance UID")
+        series = check_uid(header.series_uid, "Series Instance UID")
+        sop = check_uid(header.sop_uid, "SOP Instance UID")
+        return f"{STUDIES}/{study}/{series}/{sop}.dcm"
+
+    def absolute(self, relative: str) -> Path:
+        """The absolute path of a stored file, refusing anything outside ``studies/``."""
+        path = (self.data_dir / relative).resolve()
+        if self.studies_dir not in path.parents:
+            raise ValueError(f"{relative!r} is outside the store")
+        return path
+
+    def commit(self, temp_path: str | os.PathLike[str], header: InstanceHeader) -> tuple[str, int]:
+        """Make the fully received file at ``temp_path`` durable at its final place.
+
+        Returns the relative path and the size. ``temp_path`` must be in
+        :attr:`tmp_dir` (same filesystem) so that the rename is atomic.
+        """
+        relative = self.relative_path(header)
+        final = self.data_dir / relative
+        with open(temp_path, "rb") as handle:
+            if self._fsync:
+                os.fsync(handle.fileno())
+            size = os.fstat(handle.fileno()).st_size
+        self._make_dirs(final.parent)
+        os.replace(temp_path, final)
+        if self._fsync:
+            _fsync_dir(final.parent)
+        return relative, size
+
+    def remove(self, relative: str) -> None:
+        """Remove a stored file (a replaced duplicate living at another path)."""
+        path = self.absolute(relative)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        if self._fsync:
+            _fsync_dir(path.parent)
+
+    def clean_tmp(self) -> int:
+        """Remove temp files a crash left behind; returns how many were removed."""
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    def stored_files(self) -> Iterator[str]:
+        """Every stored instance file, as a path relative to the data dir, in a stable order."""
+        for study in sorted(os.scandir(self.studies_dir), key=lambda e: e.name):
+            if not study.is_dir(follow_symlinks=False):
+                continue
+            for series in sorted(os.scandir(study.path), key=lambda e: e.name):
+                if not series.is_dir(follow_symlinks=False):
+                    continue
+                for entry in sorted(os.scandir(series.path), key=lambda e: e.name):
+                    if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
+                        yield f"{STUDIES}/{study.name}/{series.name}/{entry.name}"
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create the study/series directories, fsync'ing each parent that gained an entry."""
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            if self._fsync:
+                _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

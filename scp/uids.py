@@ -1,0 +1,43 @@
+"""DICOM UID validation, done once before a UID is ever used to form a path."""
+
+from __future__ import annotations
+
+import re
+
+# PS3.5 9.1: non-empty components of digits separated by dots, at most 64
+# characters. Anything else (including "..", "/", spaces) could be used to
+# escape the store, so it is refused outright. Leading zeros in a component are
+# non-conformant but common in the field and harmless for paths: accepted.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_UID_LENGTH = 64
+
+
+class InvalidUID(ValueError):
+    """A UID that is missing, too long, or not digits-and-dots."""
+
+
+def check_uid(value: object, what: str) -> str:
+    """Return ``value`` stripped of DICOM padding if it is a valid UID, else raise.
+
+    ``what`` names the attribute (e.g. "Study Instance UID") so the error says
+    exactly which UID was wrong.
+    """
+    if value is None:
+        raise InvalidUID(f"{what} is missing")
+    text = str(value).rstrip("\x00 ")
+    if not text:
+        raise InvalidUID(f"{what} is empty")
+    if len(text) > MAX_UID_LENGTH:
+        raise InvalidUID(f"{what} is {len(text)} characters long (at most {MAX_UID_LENGTH})")
+    if not _UID.fullmatch(text):
+        raise InvalidUID(f"{what} {text[:80]!r} is not a valid UID (digits and dots only)")
+    return text
+
+
+def is_valid_uid(value: object) -> bool:
+    """True when ``value`` would pass :func:`check_uid`."""
+    try:
+        check_uid(value, "UID")
+    except InvalidUID:
+        return False
+    return True
