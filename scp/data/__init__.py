@@ -1,0 +1,1 @@
+"""Data shipped with the package: the body part table and the vendored ImagingStudy schemas."""
