@@ -1,4 +1,8 @@
-"""The ``imagingstudy-scp`` command line: serve, reindex."""
+"""The ``imagingstudy-scp`` command line: serve, reindex, config.
+
+Flags left out do not override anything: only the flags given on the command line reach the settings,
+so the environment and the config file fill in the rest (see :mod:`scp.settings`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from scp.fhir_version import FhirVersion
-from scp.settings import Settings, SettingsError
+import orjson
+
+from scp import logs
+from scp.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("scp")
 
@@ -21,58 +28,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    flags = {k: v for k, v in vars(args).items() if v is not None and k in Settings.model_fields}
     try:
-        settings = _settings(args)
+        settings = load_settings(flags, args.config)
     except SettingsError as exc:
-        parser.error(str(exc))
-    _configure_logging(settings.log_level)
-    return int(args.run(settings) or 0)
+        print(f"imagingstudy-scp: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    run: Callable[[Settings], int] = args.run
+    return int(run(settings) or 0)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagingstudy-scp",
-        description="DICOM Storage SCP that publishes a FHIR ImagingStudy per study on association release.",
+        description="DICOM Storage SCP that publishes a FHIR ImagingStudy per study when an association ends.",
     )
     sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser("serve", help="receive studies and publish ImagingStudy resources")
     _common(serve)
-    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
-    serve.add_argument("--aet", default="IMAGINGSTUDY", help="our AE title (default IMAGINGSTUDY)")
-    serve.add_argument("--fhir-version", default="R6", type=FhirVersion.parse,
-                       help="FHIR release of the ImagingStudy: R6 (default), R5 or R4")
-    serve.add_argument("--wado-rs-url", default=None, help="DICOMweb WADO-RS base URL for ImagingStudy.endpoint")
-    serve.add_argument("--timezone", default=None,
-                       help="IANA zone for DICOM times without an offset (default: the host's zone)")
-    serve.add_argument("--max-pdu", type=int, default=131072, dest="max_pdu_size",
-                       help="maximum PDU size we receive (default 131072, 0 = unlimited)")
-    serve.add_argument("--no-fsync", action="store_false", dest="fsync",
-                       help="do not fsync files (faster, NOT durable on power loss; for tests and benchmarks)")
-    serve.add_argument("--log-phi", action="store_true", help="allow patient-identifying values in logs")
+    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="DICOM port (default 11112; 0 = any free port)")
+    serve.add_argument("--aet", help="our AE title (default IMAGINGSTUDY)")
+    serve.add_argument("--fhir-version", help="FHIR release of the ImagingStudy: R6 (default), R5 or R4")
+    serve.add_argument("--wado-rs-url", help="DICOMweb WADO-RS base URL for ImagingStudy.endpoint")
+    serve.add_argument("--timezone", help="IANA zone for DICOM times without an offset (default: the host's)")
+    serve.add_argument("--max-pdu", type=int, dest="max_pdu_size",
+                       help="largest PDU we accept (default 131072, 0 = unlimited)")
+    serve.add_argument("--no-fsync", action="store_const", const=False, dest="fsync",
+                       help="do not fsync (faster, NOT durable on power loss; for throwaway data)")
+    serve.add_argument("--log-phi", action="store_const", const=True,
+                       help="allow patient-identifying values in logs")
     serve.set_defaults(run=_serve)
 
     reindex = sub.add_parser("reindex", help="rebuild the index from the stored files")
     _common(reindex)
     reindex.set_defaults(run=_reindex)
+
+    config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    _common(config)
+    config.set_defaults(run=_config)
     return parser
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=Path("scp-data"),
-                        help="where studies, the index and ImagingStudy files live (default ./scp-data)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    known = set(Settings.__dataclass_fields__)
-    return Settings(**{k: v for k, v in vars(args).items() if k in known})
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--config", type=Path, help="TOML config file (default: ./imagingstudy-scp.toml if present)")
+    parser.add_argument("--data-dir", type=Path, help="where studies, the index and resources live (default ./scp-data)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    parser.add_argument("--log-format", choices=["text", "json"], help="text (default) or JSON lines")
 
 
 def _serve(settings: Settings) -> int:
@@ -80,26 +84,26 @@ def _serve(settings: Settings) -> int:
 
     server = Server(settings)
 
-    def stop(signum: int, _frame: object) -> None:
+    def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)
         server.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server.start()
-    log.info("imagingstudy-scp %s serving %s on %s:%d, data in %s", settings.fhir_version, settings.aet,
-             settings.host, server.port, settings.data_dir)
+    log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,
+             server.port, settings.fhir_version, settings.data_dir)
     server.wait()
     return 0
 
 
 def _reindex(settings: Settings) -> int:
+    from scp.index import INDEX_FILE, Index
     from scp.reconcile import reindex
-    from scp.server import data_dir_index
     from scp.store import Store
 
     store = Store(settings.data_dir, fsync=settings.fsync)
-    index = data_dir_index(store.data_dir)
+    index = Index(store.data_dir / INDEX_FILE)
     try:
         count = reindex(store, index)
     finally:
@@ -107,6 +111,26 @@ def _reindex(settings: Settings) -> int:
     log.info("reindexed %d instances in %s", count, store.data_dir)
     print(count)
     return 0
+
+
+def _config(settings: Settings) -> int:
+    """Print the effective settings as TOML, ready to be used as a config file."""
+    for key, value in settings.effective().items():
+        if value is None:
+            print(f"# {key} =  (not set)")
+        else:
+            print(f"{key} = {_toml(value)}")
+    return 0
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return orjson.dumps(str(value)).decode()  # a JSON string is a valid TOML basic string
 
 
 if __name__ == "__main__":

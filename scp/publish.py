@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from scp import logs
 from scp.index import Index
 from scp.mapping.imaging_study import MappingOptions, build_imaging_study
 from scp.sinks.base import Publication, Sink
@@ -107,10 +108,15 @@ class Publisher:
                 log.exception("publication of study %s to %s failed", study_uid, sink.name)
                 continue
             delivered.append(sink.name)
-            latency = f" latency={time.monotonic() - ended_at:.3f}s" if ended_at is not None else ""
-            log.info("published study=%s sink=%s series=%d instances=%d version=%s%s -> %s", study_uid,
-                     sink.name, mapped.resource["numberOfSeries"], mapped.resource["numberOfInstances"],
-                     self._options.version, latency, delivery.detail)
+            latency = time.monotonic() - ended_at if ended_at is not None else None
+            shown = f" latency={latency:.3f}s" if latency is not None else ""
+            logs.event(log, logging.INFO, "publication",
+                       f"published study={study_uid} sink={sink.name} series={mapped.resource['numberOfSeries']} "
+                       f"instances={mapped.resource['numberOfInstances']} version={self._options.version}"
+                       f"{shown} -> {delivery.detail}",
+                       study_uid=study_uid, sink=sink.name, result="delivered",
+                       series=mapped.resource["numberOfSeries"], instances=mapped.resource["numberOfInstances"],
+                       version=str(self._options.version), latency=latency, detail=delivery.detail)
         if len(delivered) == len(self._sinks):
             self._index.record_publication(study_uid, len(instances),
                                            max(i.provenance.received_at for i in instances), time.time())

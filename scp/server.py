@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
+from scp import logs
 from scp.association import AssociationReport, Listener, ListenerOptions
 from scp.index import INDEX_FILE, Index
 from scp.ingest import Ingest
@@ -80,15 +80,17 @@ class Server:
         self.stop()
 
     def _association_ended(self, report: AssociationReport) -> None:
-        failures = ",".join(f"0x{s:04X}:{n}" for s, n in sorted(report.failures.items())) or "none"
-        log.info("association %s %s calling=%s called=%s peer=%s instances=%d bytes=%d seconds=%.3f "
-                 "studies=%d failures=%s", report.association_id, report.how, report.calling_aet,
-                 report.called_aet, report.peer, report.instances, report.bytes, report.seconds,
-                 len(report.studies), failures)
+        failures = {f"0x{status:04X}": count for status, count in sorted(report.failures.items())}
+        shown = ",".join(f"{s}:{n}" for s, n in failures.items()) or "none"
+        logs.event(log, logging.INFO, "association",
+                   f"association {report.association_id} {report.how} calling={report.calling_aet} "
+                   f"called={report.called_aet} peer={report.peer} instances={report.instances} "
+                   f"bytes={report.bytes} seconds={report.seconds:.3f} studies={len(report.studies)} "
+                   f"failures={shown}",
+                   association_id=report.association_id, how=report.how, calling_aet=report.calling_aet,
+                   called_aet=report.called_aet, peer=report.peer, instances=report.instances,
+                   bytes=report.bytes, seconds=round(report.seconds, 6), studies=len(report.studies),
+                   failures=failures)
         if report.studies:
             self.publisher.submit(report.studies, ended_at=report.ended)
 
-
-def data_dir_index(data_dir: Path) -> Index:
-    """Open the index of a data dir (for admin commands that run beside the server)."""
-    return Index(Path(data_dir) / INDEX_FILE)

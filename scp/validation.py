@@ -18,20 +18,26 @@ already reported, so the same fault is not told three times):
    There is no R6 model.
 
 Speed: a large study has 10,000+ instances and jsonschema walks them at ~50 µs each. The
-schema is therefore first run through ``_FastSchemaCheck``, a compiled yes/no evaluator of
-the few draft-06 keywords the vendored schemas use; only when it says "invalid" does
-jsonschema's ``Draft6Validator`` run, and it alone words the problems. A schema using any
-other keyword disables the fast path (everything then goes through jsonschema).
+schema is therefore first run through a yes/no validator that ``fastjsonschema`` compiles from
+it into Python code (once per release, on first use); only when that says "invalid" does
+jsonschema's ``Draft6Validator`` run, and it alone words the problems. The two read the
+vendored schemas alike (``tests/test_validation.py`` compares them) except in two corners:
+fastjsonschema reads a pattern's ``$`` as ``\\Z``, so a string ending in a newline can fail
+it and pass jsonschema (which then runs and finds nothing: slower, same output); and it takes
+a Python tuple for a JSON array where jsonschema wants a list (resources here are plain JSON
+values: the mapper builds lists, and orjson would write a tuple as an array anyway).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 
+import fastjsonschema
 import orjson
 from jsonschema import Draft6Validator
 from jsonschema.exceptions import ValidationError as SchemaValidationError
@@ -45,6 +51,8 @@ __all__ = [
     "check_imaging_study",
     "imaging_study_problems",
 ]
+
+log = logging.getLogger("scp.validation")
 
 # (element path, what is wrong with it); rendered as "path: text".
 Problem = tuple[str, str]
@@ -397,165 +405,43 @@ def _follow_refs(root: dict[str, Any], node: Any) -> tuple[Any, str | None]:
 def _schema(version: FhirVersion) -> dict[str, Any]:
     """The vendored schema of ``version``, from the package data (never from ../shared)."""
     path = resources.files("scp") / "data" / "schemas" / f"ImagingStudy.{version.value}.schema.json"
-    return orjson.loads(path.read_bytes())
+    schema = orjson.loads(path.read_bytes())
+    declared = schema.get("$schema", "")
+    if "draft-06" not in declared:  # both validators pick their rules from this
+        raise RuntimeError(f"vendored {version} schema declares {declared!r}, expected draft-06")
+    return schema
 
 
 @functools.cache
 def _schema_validator(version: FhirVersion) -> Draft6Validator:
     """The jsonschema validator of ``version``; the FHIR schemas declare draft-06."""
-    schema = _schema(version)
-    declared = schema.get("$schema", "")
-    if "draft-06" not in declared:
-        raise RuntimeError(f"vendored {version} schema declares {declared!r}, expected draft-06")
-    return Draft6Validator(schema)  # no format checker: FHIR schemas rely on patterns
+    return Draft6Validator(_schema(version))  # no format checker: FHIR schemas rely on patterns
 
 
 @functools.cache
 def _fast_schema_check(version: FhirVersion) -> Callable[[Any], bool] | None:
-    """The compiled yes/no check of ``version``'s schema, or None if it uses other keywords."""
+    """Whether a resource satisfies ``version``'s schema, by fastjsonschema; compiled on first use.
+
+    Compiling takes a few tenths of a second per release, once per process. Options:
+    ``use_default=False`` (never write schema defaults into the resource), ``use_formats=False``
+    (like the Draft6Validator, which has no format checker). ``detailed_exceptions`` stays on:
+    fastjsonschema 2.22 cannot compile ``const`` without it, and it costs only on failure.
+    None if the schema does not compile; jsonschema then does all the work, only slower.
+    """
     try:
-        return _FastSchemaCheck(_schema(version)).check
-    except _UnsupportedSchema:
+        validate = fastjsonschema.compile(_schema(version), use_default=False, use_formats=False)
+    except Exception:  # a bad pattern (re.error), a definition or a generator fault: not fatal
+        log.warning("FHIR %s schema: no fast path, jsonschema alone validates", version, exc_info=True)
         return None
 
+    def check(resource: Any) -> bool:
+        try:
+            validate(resource)
+        except fastjsonschema.JsonSchemaValueException:
+            return False
+        return True
 
-class _UnsupportedSchema(Exception):
-    """The schema uses a keyword ``_FastSchemaCheck`` does not implement."""
-
-
-class _FastSchemaCheck:
-    """A compiled draft-06 evaluator that answers only "valid or not", for the keyword subset
-    of the vendored FHIR schemas: $ref (local, siblings ignored as draft-06 says), type,
-    pattern, enum/const of strings, properties, additionalProperties, required, items.
-
-    Why: jsonschema re-creates a validator per subschema visited (~50 µs per ImagingStudy
-    instance), while closures built once cost a few µs. Its verdict only decides whether
-    jsonschema must run; jsonschema still words every problem, and the tests check both agree.
-    """
-
-    _ANNOTATIONS = frozenset({"description", "$schema", "definitions", "title", "$comment"})
-
-    def __init__(self, schema: dict[str, Any]) -> None:
-        self._definitions: dict[str, Any] = schema.get("definitions", {})
-        self._compiled: dict[str, Callable[[Any], bool] | None] = {}
-        self.check: Callable[[Any], bool] = self._compile(schema)
-        for name in list(self._definitions):  # surface unsupported keywords now, not mid-check
-            self._ref(name)
-
-    def _ref(self, name: str) -> Callable[[Any], bool]:
-        """The compiled definition ``name``; an indirection while it is still being compiled."""
-        compiled = self._compiled
-        if name not in compiled:
-            if name not in self._definitions:
-                raise _UnsupportedSchema(f"dangling $ref {name!r}")
-            compiled[name] = None  # recursion (Extension.extension ...) resolves at call time
-            compiled[name] = self._compile(self._definitions[name])
-        check = compiled[name]
-        if check is not None:
-            return check
-        return lambda value: compiled[name](value)  # type: ignore[misc]
-
-    def _compile(self, node: Any) -> Callable[[Any], bool]:
-        """Compile one schema object into a predicate."""
-        if node is True or node == {}:
-            return lambda value: True
-        if not isinstance(node, dict):
-            raise _UnsupportedSchema(f"schema {node!r}")
-        if "$ref" in node:
-            ref = node["$ref"]
-            if not ref.startswith("#/definitions/"):
-                raise _UnsupportedSchema(f"$ref {ref!r}")
-            return self._ref(ref[len("#/definitions/"):])
-        keywords = {key: arg for key, arg in node.items() if key not in self._ANNOTATIONS}
-        if keywords.get("type") == "string" and keywords.keys() == {"type", "pattern"}:
-            search = re.compile(keywords["pattern"]).search  # the FHIR primitives: hot path
-            return lambda value: isinstance(value, str) and search(value) is not None
-        object_keys = {"properties", "additionalProperties", "required"} & keywords.keys()
-        checks: list[Callable[[Any], bool]] = []
-        if object_keys:
-            is_object_type = keywords.get("type") == "object"
-            if is_object_type:
-                del keywords["type"]  # folded into the object check
-            checks.append(self._object(node, must_be_object=is_object_type))
-        for keyword, argument in keywords.items():
-            if keyword not in object_keys:
-                checks.append(self._keyword(keyword, argument))
-        return _all_of(checks)
-
-    def _keyword(self, keyword: str, argument: Any) -> Callable[[Any], bool]:
-        """Compile one non-object keyword."""
-        if keyword == "type":
-            kinds = [_TYPE_TESTS[kind] for kind in _as_list(argument)]
-            if len(kinds) == 1:
-                return kinds[0]
-            return lambda value: any(test(value) for test in kinds)
-        if keyword == "pattern":
-            search = re.compile(argument).search
-            return lambda value: not isinstance(value, str) or search(value) is not None
-        if keyword in ("enum", "const"):
-            allowed = _as_list(argument) if keyword == "enum" else [argument]
-            if not all(isinstance(each, str) for each in allowed):
-                raise _UnsupportedSchema(f"{keyword} with non-string values")
-            allowed_set = frozenset(allowed)
-            return lambda value: isinstance(value, str) and value in allowed_set
-        if keyword == "items":
-            if isinstance(argument, list):
-                raise _UnsupportedSchema("tuple items")
-            item = self._compile(argument)
-            return lambda value: not isinstance(value, list) or all(item(each) for each in value)
-        raise _UnsupportedSchema(f"keyword {keyword!r}")
-
-    def _object(self, node: dict[str, Any], must_be_object: bool) -> Callable[[Any], bool]:
-        """Compile properties + additionalProperties + required (+ type object) into one pass."""
-        properties = {name: self._compile(sub) for name, sub in node.get("properties", {}).items()}
-        extra = node.get("additionalProperties", True)
-        extra_check = None if extra is True or extra is False else self._compile(extra)
-        closed = extra is False
-        required = tuple(node.get("required", ()))
-
-        def check(value: Any) -> bool:
-            if not isinstance(value, dict):
-                return not must_be_object
-            for name, item in value.items():
-                sub = properties.get(name)
-                if sub is not None:
-                    if not sub(item):
-                        return False
-                elif closed or (extra_check is not None and not extra_check(item)):
-                    return False
-            return all(name in value for name in required)
-
-        return check
-
-
-def _all_of(checks: list[Callable[[Any], bool]]) -> Callable[[Any], bool]:
-    """One predicate that holds when all of ``checks`` hold (unrolled for the common sizes)."""
-    if not checks:
-        return lambda value: True
-    if len(checks) == 1:
-        return checks[0]
-    if len(checks) == 2:
-        first, second = checks
-        return lambda value: first(value) and second(value)
-    return lambda value: all(check(value) for check in checks)
-
-
-def _is_integer(value: Any) -> bool:
-    """draft-06 integer: an int (not bool) or a float with no fractional part."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-
-
-_TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
-    "object": lambda value: isinstance(value, dict),
-    "array": lambda value: isinstance(value, list),
-    "string": lambda value: isinstance(value, str),
-    "boolean": lambda value: isinstance(value, bool),
-    "null": lambda value: value is None,
-    "number": lambda value: isinstance(value, (int, float)) and not isinstance(value, bool),
-    "integer": _is_integer,
-}
+    return check
 
 
 # ---------------------------------------------------------------------------------------------

@@ -430,6 +430,10 @@ def test_vendored_schema_is_draft6_and_self_contained(version: FhirVersion) -> N
     refs = {ref for ref in _refs(schema)}
     assert refs <= {f"#/definitions/{name}" for name in definitions}
     assert definitions["ImagingStudy"]["properties"]["contained"]["items"]["required"] == ["resourceType"]
+    # fastjsonschema names the function it generates for a $ref by the lower-cased reference,
+    # so two definitions differing only in case would share one
+    assert len({name.lower() for name in definitions}) == len(definitions)
+    assert validation._fast_schema_check(version) is not None, "fastjsonschema did not compile it"
 
 
 def test_vendored_r6_schema_matches_ballot3_element_set() -> None:
@@ -486,6 +490,32 @@ def _parity_cases() -> list[tuple[FhirVersion, dict[str, Any]]]:
             lambda s: s["series"][0]["instance"][0].update(title=""),
             lambda s: s["series"][0]["instance"].append(None),
             lambda s: s["series"][0].update(performer=[{"function": {"text": "x"}}]),
+            lambda s: s["series"][0].update(performer=[{"actor": {"reference": "Practitioner/1"}}]),
+            lambda s: s.update(status="final"),  # the R4 schema has an enum; R5/R6 a bare code
+            lambda s: s.update(status=""),
+            lambda s: s.update(resourceType=None),
+            lambda s: s.update(numberOfSeries=1.0),  # draft-06: an integral float is an integer
+            lambda s: s["series"][0]["instance"][0].update(number=None),
+            lambda s: s.update(started=20240301),
+            lambda s: s.update(started="2024-03-01T09:30:00Z"),
+            lambda s: s.update(meta={"lastUpdated": "2024-03-01T09:30:00.123Z", "versionId": "1"}),
+            lambda s: s.update(meta={"lastUpdated": "2024-03-01"}),  # an instant needs a time
+            lambda s: s.update(meta={"profile": ["http://x y"]}),  # canonical: no whitespace
+            lambda s: s.update(note=[{"text": "x", "authorString": "dr"}]),
+            lambda s: s.update(note=[{"text": "x", "authorBoolean": True}]),
+            lambda s: s.update(note=[{"text": ""}]),  # markdown: at least one character
+            lambda s: s.update(_status={"extension": [{"url": "http://x", "valueCode": "y"}]}),
+            lambda s: s.update(extension=[{"url": "http://x", "extension": [
+                {"url": "http://y", "extension": [{"url": "http://z", "valueDecimal": 1.5}]}]}]),
+            lambda s: s.update(extension=[{"url": "http://x", "extension": [
+                {"url": "http://y", "extension": [{"url": "http://z", "valueUri": "a b"}]}]}]),
+            lambda s: s.update(extension=[{"url": "http://x", "valueBoolean": "true"}]),
+            lambda s: s["identifier"][0].update(period={"start": "2024", "end": "2024-13"}),
+            lambda s: s["identifier"][0].update(use=["official"]),
+            lambda s: s["series"][0]["instance"].append({"uid": "1.2", "sopClass": _sop_class(version)}),
+            lambda s: s["series"][0].update(instance=[]),
+            lambda s: s.update(series=[{}]),
+            lambda s: s.update(series=[[]]),
         ]
         for edit in edits:
             study = make_study(version)
@@ -495,14 +525,42 @@ def _parity_cases() -> list[tuple[FhirVersion, dict[str, Any]]]:
 
 
 def test_fast_schema_check_agrees_with_jsonschema() -> None:
-    """The compiled check only decides whether jsonschema runs; it must never say "valid"
+    """The fastjsonschema check only decides whether jsonschema runs; it must never say "valid"
     where jsonschema would find something (nor the reverse, which would only cost time)."""
     cases = _parity_cases()
-    assert sum(validation._schema_validator(v).is_valid(s) for v, s in cases) >= 6  # some valid ones
-    for version, study in cases:
+    verdicts = [validation._schema_validator(v).is_valid(s) for v, s in cases]
+    assert sum(verdicts) >= 20 and len(verdicts) - sum(verdicts) >= 60  # valid and invalid ones
+    for (version, study), expected in zip(cases, verdicts):
         fast = validation._fast_schema_check(version)
-        assert fast is not None, "the vendored schema uses a keyword the fast check does not know"
-        assert fast(study) == validation._schema_validator(version).is_valid(study), (version, study)
+        assert fast is not None, "fastjsonschema did not compile the vendored schema"
+        assert fast(study) == expected, (version, study)
+
+
+@pytest.mark.parametrize("version", ALL_VERSIONS)
+def test_fast_schema_check_ends_patterns_at_the_end(version: FhirVersion) -> None:
+    """fastjsonschema reads a pattern's $ as \\Z, jsonschema (re.search) lets it match before a
+    final newline. The fast check is the stricter one there, which only makes jsonschema run:
+    the problems reported do not change."""
+    study = changed(version, lambda s: s["series"][0]["instance"][0].update(uid=f"{STUDY_UID}.1.1\n"))
+    assert validation._schema_validator(version).is_valid(study)
+    assert validation._fast_schema_check(version)(study) is False  # type: ignore[misc]
+    assert list(validation._schema_problems(study, version)) == []
+
+
+def test_schema_problems_without_the_fast_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If fastjsonschema cannot compile a schema, jsonschema alone finds the same problems."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise validation.fastjsonschema.JsonSchemaDefinitionException("refused for the test")
+
+    study = changed(R6, lambda s: s["series"][0]["instance"][0].update(sopClass=CT_IMAGE_STORAGE))
+    expected = imaging_study_problems(study, R6)
+    with monkeypatch.context() as patch:
+        patch.setattr(validation.fastjsonschema, "compile", refuse)
+        assert validation._fast_schema_check.__wrapped__(R6) is None  # bypasses the cache
+    monkeypatch.setattr(validation, "_fast_schema_check", lambda version: None)
+    assert imaging_study_problems(study, R6) == expected
+    assert imaging_study_problems(make_study(R6), R6) == []
 
 
 # ---------------------------------------------------------------------------------------------
