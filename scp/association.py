@@ -30,6 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected
+from scp.metrics import Metrics
 from scp.records import Provenance
 
 log = logging.getLogger("scp.association")
@@ -108,6 +109,7 @@ class Listener:
                  on_end: Callable[[AssociationReport], None]) -> None:
         self.options = options
         self._ingest = ingest
+        self._metrics: Metrics = ingest.metrics
         self._on_end = on_end
         self._reports: dict[Any, AssociationReport] = {}
         self._lock = threading.Lock()
@@ -136,6 +138,7 @@ class Listener:
     def start(self) -> None:
         handlers = [
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
             (evt.EVT_RELEASED, self._on_released),
@@ -167,14 +170,21 @@ class Listener:
                 report = AssociationReport(
                     association_id=uuid.uuid4().hex[:12],
                     calling_aet=str(assoc.requestor.ae_title).strip(),
-                    called_aet=str(assoc.acceptor.ae_title).strip(),
+                    called_aet=_called_aet(assoc),
                     peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
                 )
                 self._reports[assoc] = report
             return report
 
     def _on_accepted(self, event: evt.Event) -> None:
+        self._metrics.associations.labels(outcome="accepted").inc()
         self._report(event.assoc)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        self._metrics.associations.labels(outcome="rejected").inc()
+        requestor = event.assoc.requestor
+        log.warning("association rejected: calling=%s called=%s peer=%s:%s", str(requestor.ae_title).strip(),
+                    _called_aet(event.assoc), requestor.address, requestor.port)
 
     def _on_c_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -205,6 +215,7 @@ class Listener:
 
     def _failure(self, report: AssociationReport, status: int, comment: str, request: Any) -> Dataset:
         report.failures[status] += 1
+        self._metrics.store_failures.labels(status=f"0x{status:04X}").inc()
         log.warning("C-STORE rejected 0x%04X (%s) from %s %s: %s", status, report.calling_aet, report.peer,
                     request.AffectedSOPInstanceUID, comment)
         answer = Dataset()
@@ -230,3 +241,10 @@ class Listener:
         report.ended = time.monotonic()
         report.how = how
         self._on_end(report)
+
+
+def _called_aet(assoc: Any) -> str:
+    """The AE title the peer asked for (ours when it matches; anything when called-AE checks are off)."""
+    primitive = getattr(assoc.requestor, "primitive", None)
+    called = getattr(primitive, "called_ae_title", None) or assoc.acceptor.ae_title
+    return str(called).strip()

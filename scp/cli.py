@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="largest PDU we accept (default 131072, 0 = unlimited)")
     serve.add_argument("--no-fsync", action="store_const", const=False, dest="fsync",
                        help="do not fsync (faster, NOT durable on power loss; for throwaway data)")
+    serve.add_argument("--min-free-disk-mb", type=int, help="below this free space C-STORE answers 0xA700 "
+                       "(default 100)")
+    serve.add_argument("--duplicate-policy", choices=["replace", "keep-first", "reject"],
+                       help="an instance already stored: replace (default, latest wins), keep-first or reject")
+    serve.add_argument("--http-port", type=int, help="admin HTTP port for /healthz, /readyz, /metrics (off unless set)")
+    serve.add_argument("--http-host", help="admin HTTP address (default 127.0.0.1)")
     serve.add_argument("--log-phi", action="store_const", const=True,
                        help="allow patient-identifying values in logs")
     serve.set_defaults(run=_serve)

@@ -95,6 +95,11 @@ class Index:
         db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         return db
 
+    def ping(self) -> None:
+        """Raise unless the database answers (readiness)."""
+        with self._lock:
+            self._db.execute("SELECT count(*) FROM meta").fetchone()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

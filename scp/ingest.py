@@ -8,24 +8,30 @@ the store/index (which own the disk).
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 from scp.header import HeaderError, read_header
 from scp.index import Index
-from scp.records import Provenance, StoredInstance
+from scp.metrics import Metrics
+from scp.records import InstanceHeader, Provenance, StoredInstance
 from scp.store import Store
 
 log = logging.getLogger("scp.ingest")
 
-# C-STORE failure statuses (PS3.4 Annex B.2.3)
+# C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C)
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
 
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.ENOMEM}
+
+DuplicatePolicy = Literal["replace", "keep-first", "reject"]
 
 
 class Rejected(Exception):
@@ -39,7 +45,7 @@ class Rejected(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """A stored instance and every study whose content it changed."""
+    """A stored instance and every study whose content it changed (none when a duplicate was kept out)."""
 
     instance: StoredInstance
     touched_studies: tuple[str, ...]
@@ -48,28 +54,29 @@ class Accepted:
 class Ingest:
     """Turns a fully received dataset file into a stored, indexed instance."""
 
-    def __init__(self, store: Store, index: Index) -> None:
+    def __init__(self, store: Store, index: Index, metrics: Metrics | None = None, *,
+                 min_free_bytes: int = 0, duplicate_policy: DuplicatePolicy = "replace") -> None:
         self.store = store
         self.index = index
+        self.metrics = metrics or Metrics()
+        self.min_free_bytes = min_free_bytes
+        self.duplicate_policy = duplicate_policy
 
     def accept(self, temp_path: str | os.PathLike[str], *, sop_instance_uid: str | None,
                sop_class_uid: str | None, provenance: Provenance) -> Accepted:
         """Store the dataset at ``temp_path`` (a Part-10 file in the store's tmp dir).
 
         ``sop_instance_uid`` / ``sop_class_uid`` are the C-STORE request's
-        Affected SOP Instance/Class UIDs; the dataset must agree with the first.
+        Affected SOP Instance/Class UIDs; the dataset must agree with them.
         Raises :class:`Rejected` with the DIMSE status to answer.
         """
-        try:
-            header = read_header(temp_path)
-        except HeaderError as exc:
-            raise Rejected(CANNOT_UNDERSTAND, str(exc)) from exc
-        if sop_instance_uid is not None and header.sop_uid != str(sop_instance_uid).rstrip("\x00 "):
-            raise Rejected(CANNOT_UNDERSTAND,
-                           "dataset SOP Instance UID differs from the C-STORE request's")
-        if sop_class_uid is not None and header.sop_class_uid != str(sop_class_uid).rstrip("\x00 "):
-            raise Rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                           "dataset SOP Class UID differs from the C-STORE request's")
+        self._check_free_space()
+        header = self._header(temp_path, sop_instance_uid, sop_class_uid)
+        existing = self.index.get(header.sop_uid)
+        if existing is not None:
+            kept = self._duplicate(temp_path, existing)
+            if kept is not None:
+                return kept
         try:
             relative, size = self.store.commit(temp_path, header)
         except OSError as exc:
@@ -78,6 +85,8 @@ class Ingest:
             raise
         stored = StoredInstance(header=header, path=relative, size=size, provenance=provenance)
         replaced = self.index.put(stored)
+        self.metrics.instances.inc()
+        self.metrics.bytes.inc(size)
         touched = [header.study_uid]
         if replaced is not None:
             if replaced.path != relative:
@@ -87,3 +96,49 @@ class Ingest:
                             replaced.study_uid, header.study_uid)
                 touched.append(replaced.study_uid)
         return Accepted(stored, tuple(touched))
+
+    def _check_free_space(self) -> None:
+        if self.min_free_bytes <= 0:
+            return
+        free = self.store.free_bytes()
+        if free < self.min_free_bytes:
+            raise Rejected(OUT_OF_RESOURCES, f"store has {free // 2**20} MB free, below the minimum")
+
+    @staticmethod
+    def _header(temp_path: str | os.PathLike[str], sop_instance_uid: str | None,
+                sop_class_uid: str | None) -> InstanceHeader:
+        try:
+            header = read_header(temp_path)
+        except HeaderError as exc:
+            raise Rejected(CANNOT_UNDERSTAND, str(exc)) from exc
+        if sop_instance_uid is not None and header.sop_uid != str(sop_instance_uid).rstrip("\x00 "):
+            raise Rejected(CANNOT_UNDERSTAND, "dataset SOP Instance UID differs from the C-STORE request's")
+        if sop_class_uid is not None and header.sop_class_uid != str(sop_class_uid).rstrip("\x00 "):
+            raise Rejected(DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                           "dataset SOP Class UID differs from the C-STORE request's")
+        return header
+
+    def _duplicate(self, temp_path: str | os.PathLike[str], existing: StoredInstance) -> Accepted | None:
+        """Apply the duplicate policy; returns the answer when the new copy is not stored.
+
+        Content digests are only computed here, when a SOP Instance UID comes
+        again, so the common path pays nothing for duplicate detection.
+        """
+        identical = _digest(temp_path) == _digest(self.store.absolute(existing.path))
+        self.metrics.duplicates.labels(identical="yes" if identical else "no").inc()
+        log.info("SOP Instance %s received again (%s content; policy %s)", existing.header.sop_uid,
+                 "identical" if identical else "different", self.duplicate_policy)
+        if self.duplicate_policy == "keep-first":
+            return Accepted(existing, ())
+        if self.duplicate_policy == "reject":
+            raise Rejected(DUPLICATE_SOP_INSTANCE, "SOP Instance UID already stored")
+        return None
+
+
+def _digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's content, read in chunks so memory stays flat."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()

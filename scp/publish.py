@@ -18,6 +18,7 @@ from pathlib import Path
 
 from scp import logs
 from scp.index import Index
+from scp.metrics import Metrics
 from scp.mapping.imaging_study import MappingOptions, build_imaging_study
 from scp.sinks.base import Publication, Sink
 from scp.sinks.directory import write_json_atomically
@@ -41,13 +42,16 @@ class Outcome:
 class Publisher:
     """Turns study UIDs into published ImagingStudy resources on a worker thread."""
 
-    def __init__(self, index: Index, sinks: Sequence[Sink], options: MappingOptions, rejected_dir: Path) -> None:
+    def __init__(self, index: Index, sinks: Sequence[Sink], options: MappingOptions, rejected_dir: Path,
+                 metrics: Metrics | None = None) -> None:
         self._index = index
         self._sinks = list(sinks)
         self._options = options
         self._rejected_dir = rejected_dir
+        self._metrics = metrics or Metrics()
         self._queue: queue.Queue[object] = queue.Queue()
-        self._pending: dict[str, float | None] = {}
+        # study → (association end for the latency metric, when it was queued)
+        self._pending: dict[str, tuple[float | None, float]] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._busy = 0
@@ -71,9 +75,19 @@ class Publisher:
             for uid in study_uids:
                 if uid in self._pending:
                     continue
-                self._pending[uid] = ended_at
+                self._pending[uid] = (ended_at, time.monotonic())
                 self._busy += 1
                 self._queue.put(uid)
+
+    def depth(self) -> int:
+        """Studies queued or being published."""
+        return self._busy
+
+    def oldest_age(self) -> float:
+        """Seconds the longest-waiting queued study has waited (0 when none)."""
+        with self._lock:
+            queued = [since for _, since in self._pending.values()]
+        return time.monotonic() - min(queued) if queued else 0.0
 
     def wait_idle(self, timeout: float = 30) -> bool:
         """Block until every queued study has been handled (tests, shutdown)."""
@@ -106,9 +120,13 @@ class Publisher:
                 delivery = sink.publish(publication)
             except Exception:
                 log.exception("publication of study %s to %s failed", study_uid, sink.name)
+                self._metrics.publications.labels(sink=sink.name, result="failed").inc()
                 continue
             delivered.append(sink.name)
             latency = time.monotonic() - ended_at if ended_at is not None else None
+            self._metrics.publications.labels(sink=sink.name, result="delivered").inc()
+            if latency is not None:
+                self._metrics.publication_latency.labels(sink=sink.name).observe(latency)
             shown = f" latency={latency:.3f}s" if latency is not None else ""
             logs.event(log, logging.INFO, "publication",
                        f"published study={study_uid} sink={sink.name} series={mapped.resource['numberOfSeries']} "
@@ -135,7 +153,7 @@ class Publisher:
                 return
             study_uid = str(item)
             with self._lock:
-                ended_at = self._pending.pop(study_uid, None)
+                ended_at, _ = self._pending.pop(study_uid, (None, 0.0))
             try:
                 self.publish_now(study_uid, ended_at)
             except Exception:

@@ -6,10 +6,12 @@ import logging
 import threading
 
 from scp import logs
+from scp.admin_http import AdminServer
 from scp.association import AssociationReport, Listener, ListenerOptions
 from scp.index import INDEX_FILE, Index
 from scp.ingest import Ingest
 from scp.mapping.imaging_study import MappingOptions
+from scp.metrics import Metrics
 from scp.publish import Publisher
 from scp.reconcile import reconcile
 from scp.settings import Settings
@@ -25,17 +27,26 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
         self.store = Store(settings.data_dir, fsync=settings.fsync)
         self.index = Index(self.store.data_dir / INDEX_FILE)
         self.fhir_dir = self.store.data_dir / "fhir"
         self.sinks: list[Sink] = [DirectorySink(self.fhir_dir, fsync=settings.fsync)]
-        self.publisher = Publisher(self.index, self.sinks, self.mapping_options(), self.fhir_dir / "rejected")
+        self.publisher = Publisher(self.index, self.sinks, self.mapping_options(), self.fhir_dir / "rejected",
+                                   self.metrics)
+        self.metrics.track_queue(self.publisher.depth, self.publisher.oldest_age)
+        self.ingest = Ingest(self.store, self.index, self.metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
+                             duplicate_policy=settings.duplicate_policy)
         self.listener = Listener(
             ListenerOptions(host=settings.host, port=settings.port, aet=settings.aet,
                             maximum_pdu_size=settings.max_pdu_size),
-            Ingest(self.store, self.index),
+            self.ingest,
             on_end=self._association_ended,
         )
+        self.admin: AdminServer | None = None
+        if settings.http_port is not None:
+            self.admin = AdminServer(settings.http_host, settings.http_port, self.metrics,
+                                     [self._store_writable, self._index_open, self._disk_above_threshold])
         self._stopped = threading.Event()
 
     def mapping_options(self) -> MappingOptions:
@@ -59,12 +70,16 @@ class Server:
             log.info("publishing %d studies not published before the last stop", len(backlog))
             self.publisher.submit(backlog)
         self.listener.start()
+        if self.admin is not None:
+            self.admin.start()
 
     def stop(self) -> None:
         """Stop accepting, finish queued publications, close the index."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.admin is not None:
+            self.admin.stop()
         self.listener.stop()
         self.publisher.stop()
         self.index.close()
@@ -78,6 +93,28 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- readiness checks (None = fine, else what is wrong) ----------------------------------
+
+    def _store_writable(self) -> str | None:
+        probe = self.store.tmp_dir / f".ready-{threading.get_ident()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"store not writable: {exc}"
+        return None
+
+    def _index_open(self) -> str | None:
+        try:
+            self.index.ping()
+        except Exception as exc:  # any failure means not ready
+            return f"index not usable: {exc}"
+        return None
+
+    def _disk_above_threshold(self) -> str | None:
+        free, minimum = self.store.free_bytes(), self.settings.min_free_disk_mb * 2**20
+        return f"free disk {free // 2**20} MB is below {self.settings.min_free_disk_mb} MB" if free < minimum else None
 
     def _association_ended(self, report: AssociationReport) -> None:
         failures = {f"0x{status:04X}": count for status, count in sorted(report.failures.items())}

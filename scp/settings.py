@@ -52,10 +52,17 @@ class Settings(BaseSettings):
     # storage
     data_dir: Path = Field(Path("scp-data"), description="studies, index and published resources")
     fsync: bool = Field(True, description="fsync files and directories before acknowledging")
+    min_free_disk_mb: int = Field(100, ge=0, description="below this free space C-STORE answers 0xA700")
+    duplicate_policy: Literal["replace", "keep-first", "reject"] = Field(
+        "replace", description="an instance whose SOP Instance UID is already stored: replace it (latest wins), "
+        "keep the first, or reject the new one")
     # ImagingStudy
     fhir_version: FhirVersion = Field(FhirVersion.R6, description="R6, R5 or R4")
     wado_rs_url: str | None = Field(None, description="DICOMweb WADO-RS base URL for ImagingStudy.endpoint")
     timezone: str | None = Field(None, description="IANA zone for DICOM times without an offset (default: host)")
+    # HTTP admin listener (/healthz, /readyz, /metrics)
+    http_port: int | None = Field(None, ge=0, le=65535, description="admin HTTP port (off unless set)")
+    http_host: str = Field("127.0.0.1", description="admin HTTP address")
     # logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field("text", description="human-readable text or JSON lines")

@@ -73,6 +73,11 @@ class Store:
         if self._fsync:
             _fsync_dir(path.parent)
 
+    def free_bytes(self) -> int:
+        """Space left for unprivileged writers on the store's filesystem."""
+        stat = os.statvfs(self.data_dir)
+        return stat.f_bavail * stat.f_frsize
+
     def clean_tmp(self) -> int:
         """Remove temp files a crash left behind; returns how many were removed."""
         removed = 0
