@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imagingstudy-scp: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    run: Callable[[Settings], int] = args.run
+    run: Callable[..., int] = args.run
+    if "study_uid" in vars(args):
+        return int(run(settings, args.study_uid) or 0)
     return int(run(settings) or 0)
 
 
@@ -71,6 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     reindex = sub.add_parser("reindex", help="rebuild the index from the stored files")
     _common(reindex)
     reindex.set_defaults(run=_reindex)
+
+    studies = sub.add_parser("studies", help="list the studies in the data dir")
+    _common(studies)
+    studies.set_defaults(run=_studies)
+
+    show = sub.add_parser("show", help="print a study's ImagingStudy as it would be published")
+    _common(show)
+    show.add_argument("study_uid", metavar="STUDY_UID")
+    show.add_argument("--fhir-version", help="R6 (default), R5 or R4")
+    show.set_defaults(run=_show)
+
+    publish = sub.add_parser("publish", help="publish a study again, now")
+    _common(publish)
+    publish.add_argument("study_uid", metavar="STUDY_UID")
+    publish.add_argument("--fhir-version", help="R6 (default), R5 or R4")
+    publish.set_defaults(run=_publish)
 
     config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     _common(config)
@@ -116,6 +134,70 @@ def _reindex(settings: Settings) -> int:
         index.close()
     log.info("reindexed %d instances in %s", count, store.data_dir)
     print(count)
+    return 0
+
+
+def _studies(settings: Settings) -> int:
+    """A table of the studies in the index (readable while the server runs: SQLite WAL)."""
+    import datetime as dt
+
+    from scp.index import INDEX_FILE, Index
+
+    index = Index(Path(settings.data_dir) / INDEX_FILE)
+    try:
+        rows = index.studies()
+    finally:
+        index.close()
+    header = ("STUDY INSTANCE UID", "PATIENT ID", "MODALITIES", "SERIES/INSTANCES", "LAST RECEIVED", "PUBLICATION")
+    table = [header] + [(
+        s.study_uid, s.patient_id or "-", "/".join(s.modalities) or "-", f"{s.series}/{s.instances}",
+        dt.datetime.fromtimestamp(s.last_received_at).astimezone().isoformat(timespec="seconds"),
+        s.publication_state) for s in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _show(settings: Settings, study_uid: str) -> int:
+    """Print the ImagingStudy the server would publish for the study, with any problems on stderr."""
+    from scp.index import INDEX_FILE, Index
+    from scp.mapping.imaging_study import build_imaging_study
+    from scp.server import mapping_options
+    from scp.validation import imaging_study_problems
+
+    index = Index(Path(settings.data_dir) / INDEX_FILE)
+    try:
+        instances = index.study_instances(study_uid)
+    finally:
+        index.close()
+    if not instances:
+        print(f"imagingstudy-scp: no study {study_uid} in {settings.data_dir}", file=sys.stderr)
+        return 1
+    mapped = build_imaging_study([i.header for i in instances], mapping_options(settings))
+    for warning in mapped.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for problem in imaging_study_problems(mapped.resource, settings.fhir_version):
+        print(f"invalid: {problem}", file=sys.stderr)
+    sys.stdout.write(orjson.dumps(mapped.resource, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _publish(settings: Settings, study_uid: str) -> int:
+    """Assemble, validate and deliver one study now, to every configured sink."""
+    from scp.index import INDEX_FILE, Index
+    from scp.server import publisher_for
+
+    index = Index(Path(settings.data_dir) / INDEX_FILE)
+    try:
+        outcome = publisher_for(settings, index).publish_now(study_uid)
+    finally:
+        index.close()
+    if not outcome.published:
+        print(f"imagingstudy-scp: study {study_uid} was not published"
+              + (": " + "; ".join(outcome.problems) if outcome.problems else ""), file=sys.stderr)
+        return 1
+    print(f"published {study_uid} to {', '.join(outcome.sinks)}")
     return 0
 
 

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS instances (
     series_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
     transfer_syntax_uid TEXT NOT NULL,
-    attributes BLOB NOT NULL,
+    attributes TEXT NOT NULL,  -- JSON: keyword → decoded DICOM value(s)
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     calling_aet TEXT,
@@ -75,6 +75,15 @@ class StudySummary:
     series: int
     last_received_at: float
     published_at: float | None
+    published_up_to: float | None  # received_at of the newest instance the last publication covered
+    patient_id: str | None
+    modalities: list[str]
+
+    @property
+    def publication_state(self) -> str:
+        if self.published_at is None:
+            return "pending"
+        return "published" if (self.published_up_to or 0) >= self.last_received_at else "outdated"
 
 
 class Index:
@@ -208,13 +217,21 @@ class Index:
             return dict(self._db.execute("SELECT path, size FROM instances").fetchall())
 
     def studies(self) -> list[StudySummary]:
+        """One summary per study, oldest activity first (the latest Patient ID wins, like the mapping)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT i.study_uid, count(*), count(DISTINCT i.series_uid), max(i.received_at), p.published_at "
+                "SELECT i.study_uid, count(*), count(DISTINCT i.series_uid), max(i.received_at), "
+                "p.published_at, p.last_received_at, "
+                "(SELECT json_extract(j.attributes, '$.PatientID') FROM instances j WHERE j.study_uid = i.study_uid "
+                " AND json_extract(j.attributes, '$.PatientID') IS NOT NULL ORDER BY j.received_at DESC LIMIT 1), "
+                "(SELECT group_concat(m, '/') FROM (SELECT DISTINCT json_extract(k.attributes, '$.Modality') AS m "
+                " FROM instances k WHERE k.study_uid = i.study_uid AND m IS NOT NULL ORDER BY m)) "
                 "FROM instances i LEFT JOIN publications p ON p.study_uid = i.study_uid "
                 "GROUP BY i.study_uid ORDER BY max(i.received_at)"
             ).fetchall()
-        return [StudySummary(*row) for row in rows]
+        return [StudySummary(study_uid=r[0], instances=r[1], series=r[2], last_received_at=r[3],
+                             published_at=r[4], published_up_to=r[5], patient_id=r[6],
+                             modalities=r[7].split("/") if r[7] else []) for r in rows]
 
     def unpublished_studies(self) -> list[str]:
         """Studies with instances received after (or never covered by) their last publication."""
@@ -241,7 +258,7 @@ def _row(stored: StoredInstance) -> tuple[Any, ...]:
     header, prov = stored.header, stored.provenance
     return (
         header.sop_uid, header.study_uid, header.series_uid, header.sop_class_uid,
-        header.transfer_syntax_uid, orjson.dumps(dict(header.attributes)), stored.path, stored.size,
+        header.transfer_syntax_uid, orjson.dumps(dict(header.attributes)).decode(), stored.path, stored.size,
         prov.calling_aet, prov.called_aet, prov.peer, prov.association_id, prov.received_at,
     )
 

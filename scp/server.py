@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from scp import logs
 from scp.admin_http import AdminServer
@@ -30,10 +31,7 @@ class Server:
         self.metrics = Metrics()
         self.store = Store(settings.data_dir, fsync=settings.fsync)
         self.index = Index(self.store.data_dir / INDEX_FILE)
-        self.fhir_dir = self.store.data_dir / "fhir"
-        self.sinks: list[Sink] = [DirectorySink(self.fhir_dir, fsync=settings.fsync)]
-        self.publisher = Publisher(self.index, self.sinks, self.mapping_options(), self.fhir_dir / "rejected",
-                                   self.metrics)
+        self.publisher = publisher_for(settings, self.index, self.metrics)
         self.metrics.track_queue(self.publisher.depth, self.publisher.oldest_age)
         self.ingest = Ingest(self.store, self.index, self.metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
                              duplicate_policy=settings.duplicate_policy)
@@ -48,11 +46,6 @@ class Server:
             self.admin = AdminServer(settings.http_host, settings.http_port, self.metrics,
                                      [self._store_writable, self._index_open, self._disk_above_threshold])
         self._stopped = threading.Event()
-
-    def mapping_options(self) -> MappingOptions:
-        s = self.settings
-        return MappingOptions(version=s.fhir_version, local_zone=s.local_zone(), wado_rs_url=s.wado_rs_url,
-                              log_phi=s.log_phi)
 
     @property
     def port(self) -> int:
@@ -131,3 +124,16 @@ class Server:
         if report.studies:
             self.publisher.submit(report.studies, ended_at=report.ended)
 
+
+
+def mapping_options(settings: Settings) -> MappingOptions:
+    """How the settings ask for ImagingStudy resources to be written."""
+    return MappingOptions(version=settings.fhir_version, local_zone=settings.local_zone(),
+                          wado_rs_url=settings.wado_rs_url, log_phi=settings.log_phi)
+
+
+def publisher_for(settings: Settings, index: Index, metrics: Metrics | None = None) -> Publisher:
+    """The publisher with every sink the settings configure (the server's and the admin CLI's)."""
+    fhir_dir = Path(settings.data_dir).resolve() / "fhir"
+    sinks: list[Sink] = [DirectorySink(fhir_dir, fsync=settings.fsync)]
+    return Publisher(index, sinks, mapping_options(settings), fhir_dir / "rejected", metrics)
