@@ -115,7 +115,9 @@ class Listener:
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        # pynetdicom creates its chunked-receive temp files in tempfile's default dir.
+        # pynetdicom creates its chunked-receive temp files in tempfile's default dir (process-wide;
+        # restored on stop so an embedding process gets its own back).
+        self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(ingest.store.tmp_dir)
         self._ae = self._make_ae()
 
@@ -160,6 +162,8 @@ class Listener:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+        if tempfile.tempdir == str(self._ingest.store.tmp_dir):
+            tempfile.tempdir = self._previous_tempdir
 
     # -- event handlers (run on each association's thread) --------------------------------
 

@@ -32,6 +32,7 @@ SECRET_KEYS: frozenset[str] = frozenset()  # keys whose values `config` masks
 
 _AET = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5: default repertoire, no backslash, at most 16
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+_use_environment: contextvars.ContextVar[bool] = contextvars.ContextVar("use_environment", default=True)
 
 
 class SettingsError(ValueError):
@@ -75,7 +76,9 @@ class Settings(BaseSettings):
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        if _use_environment.get():
+            sources.append(env_settings)
         config_file = _config_file.get()
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
@@ -130,10 +133,12 @@ class Settings(BaseSettings):
 
 
 def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None,
-                  *, search_default: bool = True) -> Settings:
+                  *, search_default: bool = True, environment: bool = True) -> Settings:
     """Build the settings from flags (only those given), the environment and the config file.
 
-    ``config_file`` None means ``imagingstudy-scp.toml`` in the working directory when it exists.
+    ``config_file`` None means ``imagingstudy-scp.toml`` in the working directory when it exists
+    (unless ``search_default`` is False); ``environment`` False ignores ``IMAGINGSTUDY_SCP_*``
+    variables (an embedded server in a test should not pick up the host's settings).
     Raises :class:`SettingsError` naming every bad key.
     """
     if config_file is None and search_default and Path(DEFAULT_CONFIG_FILE).is_file():
@@ -141,6 +146,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | No
     if config_file is not None and not config_file.is_file():
         raise SettingsError(f"config: {config_file} does not exist")
     token = _config_file.set(config_file)
+    env_token = _use_environment.set(environment)
     try:
         return Settings(**dict(flags or {}))
     except ValidationError as exc:
@@ -149,6 +155,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | No
         raise SettingsError(f"config: {config_file}: {exc}") from None
     finally:
         _config_file.reset(token)
+        _use_environment.reset(env_token)
 
 
 def _explain(error: ValidationError, config_file: Path | None) -> str:

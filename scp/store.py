@@ -8,7 +8,9 @@ file, never a partial instance.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,10 +60,26 @@ class Store:
                 os.fsync(handle.fileno())
             size = os.fstat(handle.fileno()).st_size
         self._make_dirs(final.parent)
-        os.replace(temp_path, final)
+        try:
+            os.replace(temp_path, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._copy_in(temp_path, final)
         if self._fsync:
             _fsync_dir(final.parent)
         return relative, size
+
+    def _copy_in(self, source: str | os.PathLike[str], final: Path) -> None:
+        """The temp file is on another filesystem (e.g. two embedded servers in one process): copy it
+        into our tmp dir, make it durable, then rename as usual."""
+        staging = self.tmp_dir / f".copy-{final.name}.{os.getpid()}"
+        shutil.copyfile(source, staging)
+        if self._fsync:
+            with open(staging, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(staging, final)
+        os.unlink(source)
 
     def remove(self, relative: str) -> None:
         """Remove a stored file (a replaced duplicate living at another path)."""
