@@ -12,6 +12,7 @@ a disagreement is reported as a warning naming both values.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,7 @@ def build_imaging_study(instances: Sequence[InstanceHeader], options: MappingOpt
     warnings: list[str] = []
     study = _latest_values(instances, STUDY_KEYWORDS, f"study {study_uid}", warnings, options.log_phi)
     series = [_series(members, options, warnings) for members in _group_series(instances)]
-    resource = _study(study_uid, study, series, options, warnings)
+    resource = _plain_text(_study(study_uid, study, series, options, warnings))
     return Mapped(for_version(resource, options.version), warnings)
 
 
@@ -100,15 +101,15 @@ def _study(uid: str, values: dict[str, Any], series: list[dict[str, Any]], optio
         "subject": _subject(uid, values, options, value),
         "encounter": _encounter(values),
         "started": value("started", lambda: fhir_datetime(
-            values.get("StudyDate"), values.get("StudyTime"), values.get("TimezoneOffsetFromUTC"),
-            options.local_zone)),
+            _single(values.get("StudyDate")), _single(values.get("StudyTime")),
+            _single(values.get("TimezoneOffsetFromUTC")), options.local_zone)),
         "basedOn": _based_on(values),
         "referrer": value("referrer", lambda: _person_reference(values.get("ReferringPhysicianName"))),
         "endpoint": [{"reference": "#wado-rs", "type": "Endpoint"}] if options.wado_rs_url else None,
         "location": _location(values),
         "reason": _reasons(values),
         "note": _notes(values),
-        "description": text_value(values.get("StudyDescription")),
+        "description": _text(values, "StudyDescription"),
         "numberOfSeries": len(series),
         "numberOfInstances": sum(s["numberOfInstances"] for s in series),
         "procedure": [{"concept": c} for c in _concepts(values.get("ProcedureCodeSequence"))],
@@ -121,12 +122,12 @@ def _study(uid: str, values: dict[str, Any], series: list[dict[str, Any]], optio
 
 def _subject(study_uid: str, values: dict[str, Any], options: MappingOptions, value: _Guard) -> dict[str, Any]:
     """A logical Patient reference: identifier from Patient ID (+ issuer), display from the name."""
-    patient_id = text_value(_first(values.get("PatientID")))
+    patient_id = _text(values, "PatientID")
     name = value("subject.display", lambda: parse_person_name(_first(values.get("PatientName"))))
     reference: dict[str, Any] = {"type": "Patient"}
     if patient_id:
-        reference["identifier"] = _pruned({"value": patient_id, **terminology.issuer_of_patient_id(
-            text_value(values.get("IssuerOfPatientID")), values.get("IssuerOfPatientIDQualifiersSequence"))})
+        reference["identifier"] = _identifier(patient_id, terminology.issuer_of_patient_id(
+            _text(values, "IssuerOfPatientID"), values.get("IssuerOfPatientIDQualifiersSequence")))
     else:
         reference["identifier"] = {"system": options.unidentified_patient_system, "value": study_uid}
     if name is not None:
@@ -135,11 +136,11 @@ def _subject(study_uid: str, values: dict[str, Any], options: MappingOptions, va
 
 
 def _encounter(values: dict[str, Any]) -> dict[str, Any] | None:
-    admission = text_value(values.get("AdmissionID"))
+    admission = _text(values, "AdmissionID")
     if not admission:
         return None
-    identifier = {"value": admission, **terminology.issuer_from_sequence(values.get("IssuerOfAdmissionIDSequence"))}
-    return {"type": "Encounter", "identifier": _pruned(identifier)}
+    issuer = terminology.issuer_from_sequence(values.get("IssuerOfAdmissionIDSequence"))
+    return {"type": "Encounter", "identifier": _identifier(admission, issuer)}
 
 
 def _based_on(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -150,36 +151,44 @@ def _based_on(values: dict[str, Any]) -> list[dict[str, Any]]:
     for item in _items(values.get("RequestAttributesSequence")):
         candidates.append((item.get("AccessionNumber"), item.get("IssuerOfAccessionNumberSequence")))
     for accession, issuer in candidates:
-        number = text_value(_first(accession))
+        number = text_value(_single(accession))
         if not number or number in seen:
             continue
         seen.add(number)
-        identifier = {"type": terminology.ACSN, "value": number, **terminology.issuer_from_sequence(issuer)}
-        references.append({"type": "ServiceRequest", "identifier": _pruned(identifier)})
+        identifier = _identifier(number, terminology.issuer_from_sequence(issuer), terminology.ACSN)
+        references.append({"type": "ServiceRequest", "identifier": identifier})
     return references
 
 
 def _location(values: dict[str, Any]) -> dict[str, Any] | None:
-    parts = [text_value(values.get("InstitutionalDepartmentName")), text_value(values.get("InstitutionName"))]
+    parts = [_text(values, "InstitutionalDepartmentName"), _text(values, "InstitutionName")]
     display = ", ".join(p for p in parts if p)
     return {"type": "Location", "display": display} if display else None
 
 
 def _reasons(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """Reason for the Requested Procedure: coded items and free text, at study level and per request."""
+    """Reason for the Requested Procedure, at study level and per request (Request Attributes).
+
+    The free text (0040,1002) and the coded reason (0040,100A) of one request describe the same
+    reason, so a single code and the text make one CodeableConcept (coding + text). Several codes
+    are several reasons (one concept each: codings of one concept must mean the same thing), and
+    the text then stands as a reason of its own.
+    """
     sources = [values] + _items(values.get("RequestAttributesSequence"))
     reasons: list[dict[str, Any]] = []
     for source in sources:
-        for concept in _concepts(source.get("ReasonForRequestedProcedureCodeSequence")):
-            reasons.append({"concept": concept})
-        text = text_value(_first(source.get("ReasonForTheRequestedProcedure")))
-        if text:
-            reasons.append({"concept": {"text": text}})
+        concepts = _concepts(source.get("ReasonForRequestedProcedureCodeSequence"))
+        text = _text(source, "ReasonForTheRequestedProcedure")
+        if text and len(concepts) == 1:
+            concepts[0] = {**concepts[0], "text": text}
+        elif text:
+            concepts.append({"text": text})
+        reasons.extend({"concept": concept} for concept in concepts)
     return _distinct(reasons)
 
 
 def _notes(values: dict[str, Any]) -> list[dict[str, Any]]:
-    comment = text_value(values.get("StudyComments"))
+    comment = _text(values, "StudyComments")
     return [{"text": comment}] if comment else []
 
 
@@ -200,20 +209,20 @@ def _series(members: list[InstanceHeader], options: MappingOptions, warnings: li
     values = _latest_values(members, SERIES_KEYWORDS, where, warnings, options.log_phi)
     value = _guarded(warnings, where)
     instances = [_instance(h, warnings) for h in _unique_instances(members)]
-    body_part = text_value(values.get("BodyPartExamined"))
+    body_part = _text(values, "BodyPartExamined")
     return _pruned({
         "uid": uid,
-        "number": value("number", lambda: unsigned_int(values.get("SeriesNumber"))),
-        "modality": terminology.modality(text_value(values.get("Modality"))),
-        "description": text_value(values.get("SeriesDescription")),
+        "number": value("number", lambda: unsigned_int(_single(values.get("SeriesNumber")))),
+        "modality": terminology.modality(_text(values, "Modality")),
+        "description": _text(values, "SeriesDescription"),
         "numberOfInstances": len(instances),
         "bodySite": {"concept": body_site(body_part)} if body_part else None,
-        "laterality": terminology.laterality(text_value(values.get("Laterality"))
+        "laterality": terminology.laterality(_text(values, "Laterality")
                                              or _common_image_laterality(members)),
         "specimen": _specimens(values.get("SpecimenDescriptionSequence")),
         "started": value("started", lambda: fhir_datetime(
-            values.get("SeriesDate"), values.get("SeriesTime"), values.get("TimezoneOffsetFromUTC"),
-            options.local_zone)),
+            _single(values.get("SeriesDate")), _single(values.get("SeriesTime")),
+            _single(values.get("TimezoneOffsetFromUTC")), options.local_zone)),
         "performer": _performers(values, value),
         "instance": instances,
     }, keep={"numberOfInstances"})
@@ -234,11 +243,11 @@ def _common_image_laterality(members: list[InstanceHeader]) -> str | None:
 def _specimens(items: Any) -> list[dict[str, Any]]:
     specimens = []
     for item in _items(items):
-        identifier = text_value(_first(item.get("SpecimenIdentifier")))
+        identifier = _text(item, "SpecimenIdentifier")
         if identifier:
-            ref: dict[str, Any] = {"type": "Specimen", "identifier": _pruned(
-                {"value": identifier, **terminology.issuer_from_sequence(item.get("IssuerOfTheSpecimenIdentifierSequence"))})}
-            description = text_value(_first(item.get("SpecimenShortDescription")))
+            issuer = terminology.issuer_from_sequence(item.get("IssuerOfTheSpecimenIdentifierSequence"))
+            ref: dict[str, Any] = {"type": "Specimen", "identifier": _identifier(identifier, issuer)}
+            description = _text(item, "SpecimenShortDescription")
             if description:
                 ref["display"] = description
             specimens.append(ref)
@@ -246,14 +255,16 @@ def _specimens(items: Any) -> list[dict[str, Any]]:
 
 
 def _performers(values: dict[str, Any], value: _Guard) -> list[dict[str, Any]]:
-    performers = []
+    """One performer per name (PN values are multi-valued): Performing Physician's Name → PRF,
+    Operators' Name → SPRF. A name repeated within one attribute is listed once."""
+    performers: list[dict[str, Any]] = []
     for keyword, function in (("PerformingPhysicianName", terminology.PERFORMER),
                               ("OperatorsName", terminology.SECONDARY_PERFORMER)):
         for text in _as_list(values.get(keyword)):
             actor = value(f"performer ({keyword})", lambda: _person_reference(text))
             if actor:
                 performers.append({"function": function, "actor": actor})
-    return performers
+    return _distinct(performers)
 
 
 # -- instance ---------------------------------------------------------------------------------
@@ -263,17 +274,20 @@ def _instance(header: InstanceHeader, warnings: list[str]) -> dict[str, Any]:
     return _pruned({
         "uid": header.sop_uid,
         "sopClass": f"urn:oid:{header.sop_class_uid}",
-        "number": value("number", lambda: unsigned_int(header.text("InstanceNumber"))),
-        "title": _title(header),
+        "number": value("number", lambda: unsigned_int(_single(header.attributes.get("InstanceNumber")))),
+        "title": _plain_text(_title(header)),
     })
 
 
 def _title(header: InstanceHeader) -> str | None:
     """First present of Document Title, Concept Name Code Meaning, Content Label, Image Type."""
     concept = header.items("ConceptNameCodeSequence")
-    meaning = text_value(_first(concept[0].get("CodeMeaning"))) if concept else None
-    image_type = "\\".join(header.texts("ImageType")) or None
-    for candidate in (header.text("DocumentTitle"), meaning, header.text("ContentLabel"), image_type):
+    meaning = _text(concept[0], "CodeMeaning") if concept else None
+    # Image Type's values are positional (value 3 may be empty while value 4 is not): keep the
+    # inner empty values, drop only trailing ones.
+    image_type = "\\".join(header.texts("ImageType")).rstrip("\\") or None
+    for candidate in (_single(header.attributes.get("DocumentTitle")), meaning,
+                      _single(header.attributes.get("ContentLabel")), image_type):
         text = text_value(candidate)
         if text:
             return text
@@ -281,6 +295,29 @@ def _title(header: InstanceHeader) -> str | None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+# Characters a FHIR string must not hold: C0 controls other than tab, CR and LF (FHIR datatypes:
+# "SHOULD not contain Unicode character points below 32" except those three), and whitespace other
+# than space/tab/CR/LF, which the R4 string pattern ^[ \r\n\t\S]+$ rejects (ECMAScript \s takes in
+# NBSP, U+2000-U+200A, U+3000, BOM...). NBSP is an ordinary character of ISO_IR 100 text.
+_NOT_FHIR_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x85\xa0\u1680\u2000-\u200a"
+                            r"\u2028\u2029\u202f\u205f\u3000\ufeff]")
+
+
+def _plain_text(value: Any) -> Any:
+    """``value`` with every string's non-FHIR characters (see above) replaced by a space.
+
+    Instances are skipped: they are the bulk of a large study, and their only free text, the
+    title, is cleaned when it is made (see :func:`_instance`).
+    """
+    if isinstance(value, str):
+        return _NOT_FHIR_TEXT.sub(" ", value) if _NOT_FHIR_TEXT.search(value) else value
+    if isinstance(value, dict):
+        return {key: item if key == "instance" else _plain_text(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_text(item) for item in value]
+    return value
+
 
 def _latest_values(instances: Sequence[InstanceHeader], keywords: Iterable[str], where: str,
                    warnings: list[str], log_phi: bool) -> dict[str, Any]:
@@ -314,6 +351,12 @@ def _guarded(warnings: list[str], where: str) -> _Guard:
     return convert
 
 
+def _identifier(value: str, issuer: dict[str, Any], kind: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An Identifier (type, system, value, assigner: FHIR's element order) from a value and its issuer."""
+    return _pruned({"type": kind, "system": issuer.get("system"), "value": value,
+                    "assigner": issuer.get("assigner")})
+
+
 def _person_reference(text: Any) -> dict[str, Any] | None:
     """A Practitioner known only by name: a display-only reference (raises InvalidDicomValue)."""
     name = parse_person_name(_first(text))
@@ -332,6 +375,27 @@ def _concepts(items: Any) -> list[dict[str, Any]]:
 
 def _items(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _single(value: Any) -> str | None:
+    """A single-valued (VM 1) attribute as the one string DICOM wrote.
+
+    The header splits text at backslashes, the DICOM value delimiter. A VM-1 attribute that
+    holds one anyway (a Study Description "CT\\HEAD", as some writers produce) is joined back as
+    written: text keeps all of its content, and a date or number becomes invalid, so it is
+    reported and omitted instead of silently cut to its first part. A sequence where text was
+    expected is absent.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "\\".join(value)
+    return None
+
+
+def _text(values: dict[str, Any], keyword: str) -> str | None:
+    """A single-valued text attribute as a FHIR string (trailing padding stripped), or None."""
+    return text_value(_single(values.get(keyword)))
 
 
 def _first(value: Any) -> Any:

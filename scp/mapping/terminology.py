@@ -18,35 +18,43 @@ ACSN = {"coding": [{"system": V2_0203, "code": "ACSN"}]}
 PERFORMER = {"coding": [{"system": PARTICIPATION_TYPE, "code": "PRF", "display": "performer"}]}
 SECONDARY_PERFORMER = {"coding": [{"system": PARTICIPATION_TYPE, "code": "SPRF", "display": "secondary performer"}]}
 
-# DICOM PS3.16 CID 33 (Modality) code meanings for the modalities seen in practice.
+# DICOM PS3.16 CID 33 "Modality": code → Code Meaning, the display of the DCM code system. Taken
+# from the 2023+ editions (as shipped in pydicom 3.0.2's concept tables and in HL7's R5 expansion
+# of sect_CID_33, version 2023.1.20230123): e.g. SR is "Structured Report Document" and RF
+# "Radiofluoroscopy" there, no longer "SR Document" / "Radio Fluoroscopy".
 MODALITY_MEANINGS = {
-    "AR": "Autorefraction", "AU": "Audio", "BDUS": "Ultrasound Bone Densitometry",
-    "BI": "Biomagnetic Imaging", "BMD": "Bone Mineral Densitometry", "CR": "Computed Radiography",
-    "CT": "Computed Tomography", "DG": "Diaphanography", "DOC": "Document", "DX": "Digital Radiography",
-    "ECG": "Electrocardiography", "EPS": "Cardiac Electrophysiology", "ES": "Endoscopy",
-    "FID": "Fiducials", "GM": "General Microscopy", "HC": "Hard Copy", "HD": "Hemodynamic Waveform",
-    "IO": "Intra-oral Radiography", "IOL": "Intraocular Lens Calculation", "IVOCT": "Intravascular OCT",
-    "IVUS": "Intravascular Ultrasound", "KER": "Keratometry", "KO": "Key Object Selection",
-    "LEN": "Lensometry", "LS": "Laser Surface Scan", "MG": "Mammography", "MR": "Magnetic Resonance",
+    "AR": "Autorefraction", "ASMT": "Content Assessment Result", "AU": "Basic Voice Audio",
+    "BDUS": "Ultrasound Bone Densitometry", "BI": "Biomagnetic Imaging", "BMD": "Bone Mineral Densitometry",
+    "CFM": "Confocal Microscopy", "CR": "Computed Radiography", "CT": "Computed Tomography",
+    "CTPROTOCOL": "CT Protocol", "DG": "Diaphanography", "DMS": "Dermoscopy", "DOC": "Document",
+    "DX": "Digital Radiography", "ECG": "Electrocardiography", "EEG": "Electroencephalography",
+    "EMG": "Electromyography", "EOG": "Electrooculography", "EPS": "Cardiac Electrophysiology",
+    "ES": "Endoscopy", "FID": "Spatial Fiducials", "GM": "General Microscopy", "HC": "Hard Copy",
+    "HD": "Hemodynamic Waveform", "IO": "Intra-oral Radiography", "IOL": "Intraocular Lens Calculation",
+    "IVOCT": "Intravascular Optical Coherence Tomography", "IVUS": "Intravascular Ultrasound",
+    "KER": "Keratometry", "KO": "Key Object Selection", "LEN": "Lensometry", "LS": "Laser Scan",
+    "M3D": "Model for 3D Manufacturing", "MG": "Mammography", "MR": "Magnetic Resonance",
     "NM": "Nuclear Medicine", "OAM": "Ophthalmic Axial Measurements", "OCT": "Optical Coherence Tomography",
     "OP": "Ophthalmic Photography", "OPM": "Ophthalmic Mapping", "OPT": "Ophthalmic Tomography",
-    "OPV": "Ophthalmic Visual Field", "OSS": "Optical Surface Scanner", "OT": "Other",
-    "PLAN": "Plan", "PR": "Presentation State", "PT": "Positron emission tomography",
-    "PX": "Panoramic X-Ray", "REG": "Registration", "RESP": "Respiratory Waveform",
-    "RF": "Radio Fluoroscopy", "RG": "Radiographic imaging", "RTDOSE": "RT Dose",
-    "RTIMAGE": "RT Image", "RTPLAN": "RT Plan", "RTRECORD": "RT Treatment Record",
-    "RTSTRUCT": "RT Structure Set", "RWV": "Real World Value Map", "SEG": "Segmentation",
-    "SM": "Slide Microscopy", "SMR": "Stereometric Relationship", "SR": "SR Document",
-    "SRF": "Subjective Refraction", "STAIN": "Automated Slide Stainer", "TG": "Thermography",
-    "US": "Ultrasound", "VA": "Visual Acuity", "XA": "X-Ray Angiography",
-    "XC": "External-camera Photography",
+    "OPTBSV": "Ophthalmic Tomography B-scan Volume Analysis", "OPTENF": "Ophthalmic Tomography En Face",
+    "OPV": "Ophthalmic Visual Field", "OSS": "Optical Surface Scanner", "OT": "Other", "PA": "Photoacoustic",
+    "PLAN": "Plan", "POS": "Position Sensor", "PR": "Presentation State", "PT": "Positron emission tomography",
+    "PX": "Panoramic X-Ray", "REG": "Registration", "RESP": "Respiratory Waveform", "RF": "Radiofluoroscopy",
+    "RG": "Radiographic imaging", "RTDOSE": "RT Dose", "RTIMAGE": "RT Image", "RTPLAN": "RT Plan",
+    "RTRECORD": "RT Treatment Record", "RTSTRUCT": "RT Structure Set", "RWV": "Real World Value Map",
+    "SEG": "Segmentation", "SM": "Slide Microscopy", "SMR": "Stereometric Relationship",
+    "SR": "Structured Report Document", "SRF": "Subjective Refraction", "STAIN": "Automated Slide Stainer",
+    "TEXTUREMAP": "Texture Map", "TG": "Thermography", "US": "Ultrasound", "VA": "Visual Acuity",
+    "XA": "X-Ray Angiography", "XC": "External-camera Photography",
 }
 
-# Modalities that describe derived or non-image objects (PS3.16 CID 32 "Non-Acquisition
-# Modality"); R4 keeps them out of the study-level modality list.
+# PS3.16 CID 32 "Non-Acquisition Modality" (same source), plus ANN (Annotation, PS3.3
+# C.7.3.1.1.1), which no context group lists. R4 defines ImagingStudy.modality as the series
+# modalities that are acquisition modalities (CID 29), so these stay out of its study-level list;
+# codes in neither group (retired or private terms) are kept, as R4's extensible binding allows.
 NON_ACQUISITION_MODALITIES = frozenset({
-    "ANN", "DOC", "FID", "KO", "MPR", "PLAN", "PR", "REG", "RTDOSE", "RTPLAN", "RTRECORD", "RTSTRUCT",
-    "RWV", "SEG", "SMR", "SR", "CTPROTOCOL", "ASMT", "M3D",
+    "ANN", "ASMT", "AU", "CTPROTOCOL", "DOC", "FID", "HC", "IOL", "KO", "M3D", "OT", "PLAN", "PR",
+    "REG", "RTDOSE", "RTPLAN", "RTRECORD", "RTSTRUCT", "RWV", "SEG", "SMR", "SR", "STAIN", "TEXTUREMAP",
 })
 
 # DICOM Laterality / Image Laterality → SNOMED CT (PS3.16 CID 244 "Laterality").

@@ -15,15 +15,40 @@ from scp.mapping.terminology import ACSN, NON_ACQUISITION_MODALITIES
 
 RFC_3986 = "urn:ietf:rfc:3986"
 
+# Element order of each release (its StructureDefinition), so output reads like the spec.
+# Unknown keys keep their relative order after the known ones.
+_RESOURCE_HEAD = ("resourceType", "id", "meta", "implicitRules", "language", "text", "contained",
+                  "extension", "modifierExtension")
+STUDY_ORDER: dict[FhirVersion, tuple[str, ...]] = {
+    FhirVersion.R6: (*_RESOURCE_HEAD, "identifier", "status", "modality", "subject", "encounter",
+                     "started", "basedOn", "partOf", "referrer", "endpoint", "location", "reason",
+                     "note", "description", "numberOfSeries", "numberOfInstances", "series"),
+    FhirVersion.R5: (*_RESOURCE_HEAD, "identifier", "status", "modality", "subject", "encounter",
+                     "started", "basedOn", "partOf", "referrer", "endpoint", "numberOfSeries",
+                     "numberOfInstances", "procedure", "location", "reason", "note", "description",
+                     "series"),
+    FhirVersion.R4: (*_RESOURCE_HEAD, "identifier", "status", "modality", "subject", "encounter",
+                     "started", "basedOn", "referrer", "interpreter", "endpoint", "numberOfSeries",
+                     "numberOfInstances", "procedureReference", "procedureCode", "location",
+                     "reasonCode", "reasonReference", "note", "description", "series"),
+}
+SERIES_ORDER = ("id", "extension", "modifierExtension", "uid", "number", "modality", "description",
+                "numberOfInstances", "endpoint", "bodySite", "laterality", "specimen", "started",
+                "performer", "instance")
+
 
 def for_version(neutral: dict[str, Any], version: FhirVersion) -> dict[str, Any]:
     """A copy of ``neutral`` written for ``version``."""
     resource = copy.deepcopy(neutral)
     if version is FhirVersion.R6:
-        return _r6(resource)
-    if version is FhirVersion.R5:
-        return _r5(resource)
-    return _r4(resource)
+        resource = _r6(resource)
+    elif version is FhirVersion.R5:
+        resource = _r5(resource)
+    else:
+        resource = _r4(resource)
+    if "series" in resource:
+        resource["series"] = [_ordered(s, SERIES_ORDER) for s in resource["series"]]
+    return _ordered(resource, STUDY_ORDER[version])
 
 
 def _r6(resource: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +112,12 @@ def _coding(concept: dict[str, Any]) -> dict[str, Any] | None:
 
 def _sop_class_coding(urn: str) -> dict[str, Any]:
     return {"system": RFC_3986, "code": urn}
+
+
+def _ordered(element: dict[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    """``element`` with its keys in ``order`` (the release's element order)."""
+    rank = {key: index for index, key in enumerate(order)}
+    return dict(sorted(element.items(), key=lambda item: rank.get(item[0], len(order))))
 
 
 def _instances(resource: dict[str, Any]) -> list[dict[str, Any]]:
