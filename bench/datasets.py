@@ -32,11 +32,10 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -74,6 +73,9 @@ SETS: dict[str, SetSpec] = {
     "multi": SetSpec("multi", "multi", 20, 2, 25, 256, 256, "MR", MR_IMAGE, split_level="study"),
     "big": SetSpec("big", "big", 1, 1, 1, 512, 512, "OT", MULTIFRAME_WORD_SC, frames=2048, split_level="study"),
 }
+
+# One small instance sent to each receiver before the timed run (first-use costs: lazy imports, caches).
+WARMUP = SetSpec("warmup", "warmup", 1, 1, 1, 64, 64, "CT", CT_IMAGE)
 
 QUICK_SETS: dict[str, SetSpec] = {
     "ct": SetSpec("ct-quick", "ct", 1, 4, 15, 512, 512, "CT", CT_IMAGE),
@@ -180,6 +182,13 @@ def meta_uid(values: dict[int, bytes], tag: int) -> str:
     return values.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
 
 
+def stored_sop_uid(path: Path, head_size: int = 16384) -> str:
+    """The Media Storage SOP Instance UID of a Part-10 file (its file meta only is read)."""
+    with open(path, "rb") as handle:
+        head = handle.read(head_size)
+    return meta_uid(parse_file_meta(head)[1], 0x00020003)
+
+
 def dataset_digest(path: Path, head_size: int = 65536) -> tuple[str, str, int]:
     """(Media Storage SOP Instance UID, SHA-256 of the dataset bytes after the file meta, file size)."""
     with open(path, "rb") as handle:
@@ -207,19 +216,18 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
-def _header(spec: SetSpec, study: int, series: int, number: int) -> "object":
-    """The dataset of one instance without Pixel Data (pydicom is imported here only: reading sets needs none)."""
+def _series_template(spec: SetSpec, study: int, series: int) -> "object":
+    """The dataset shared by a series' instances, without Pixel Data (pydicom is imported here only)."""
     from pydicom.dataset import Dataset, FileMetaDataset
 
     study_uid = uid("imagingstudy-scp-bench", spec.name, "study", study)
     series_uid = uid("imagingstudy-scp-bench", spec.name, "series", study, series)
-    sop_uid = uid("imagingstudy-scp-bench", spec.name, "instance", study, series, number)
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if spec.frames == 1 else ["DERIVED", "SECONDARY"]
     ds.SOPClassUID = spec.sop_class
-    ds.SOPInstanceUID = sop_uid
+    ds.SOPInstanceUID = ""  # set per instance
     ds.StudyDate = f"202401{(study % 28) + 1:02d}"
     ds.SeriesDate = ds.StudyDate
     ds.StudyTime = f"{8 + study % 10:02d}{(study * 7) % 60:02d}00"
@@ -247,9 +255,9 @@ def _header(spec: SetSpec, study: int, series: int, number: int) -> "object":
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = f"{study + 1}"
     ds.SeriesNumber = series + 1
-    ds.InstanceNumber = number + 1
+    ds.InstanceNumber = 1  # set per instance
     if spec.frames == 1:
-        ds.ImagePositionPatient = ["-250", "-250", f"{-number * 1.25:.2f}"]
+        ds.ImagePositionPatient = ["-250", "-250", "0"]  # set per instance
         ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
         ds.FrameOfReferenceUID = uid("imagingstudy-scp-bench", spec.name, "for", study)
     ds.SamplesPerPixel = 1
@@ -271,7 +279,7 @@ def _header(spec: SetSpec, study: int, series: int, number: int) -> "object":
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = spec.sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = ""  # set per instance
     meta.TransferSyntaxUID = EXPLICIT_VR_LE
     ds.file_meta = meta
     return ds
@@ -290,8 +298,21 @@ def _pixel_element_header(length: int) -> bytes:
     return struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length)
 
 
-def _write_instance(spec: SetSpec, files_dir: Path, study: int, series: int, number: int) -> Instance:
-    ds = _header(spec, study, series, number)
+def _header(template: "object", spec: SetSpec, study: int, series: int, number: int) -> "object":
+    """The series template turned into the dataset of one instance (changed in place)."""
+    ds = template
+    sop_uid = uid("imagingstudy-scp-bench", spec.name, "instance", study, series, number)
+    ds.SOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.InstanceNumber = number + 1
+    if spec.frames == 1:
+        ds.ImagePositionPatient = ["-250", "-250", f"{number * -1.25:.2f}".replace("-0.00", "0.00")]
+    return ds
+
+
+def _write_instance(spec: SetSpec, files_dir: Path, template: "object", study: int, series: int,
+                    number: int) -> Instance:
+    ds = _header(template, spec, study, series, number)
     header = _encode_header(ds)
     offset, _ = parse_file_meta(header)
     frame_bytes = spec.rows * spec.columns * 2
@@ -320,12 +341,6 @@ def _write_instance(spec: SetSpec, files_dir: Path, study: int, series: int, num
     return Instance(rel.as_posix(), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
                     size, digest.hexdigest())
 
-
-def _iter_positions(spec: SetSpec) -> Iterator[tuple[int, int, int]]:
-    for study in range(spec.studies):
-        for series in range(spec.series_per_study):
-            for number in range(spec.instances_per_series):
-                yield study, series, number
 
 
 def _manifest_ok(root: Path, spec: SetSpec) -> list[Instance] | None:
@@ -360,7 +375,12 @@ def load_or_generate(spec: SetSpec, data_root: Path, log=print) -> DataSet:
     files_dir.mkdir(parents=True)
     log(f"generating data set {spec.name}: {spec.instances} instances into {root}")
     started = time.monotonic()
-    instances = [_write_instance(spec, files_dir, *pos) for pos in _iter_positions(spec)]
+    instances = []
+    for study in range(spec.studies):
+        for series in range(spec.series_per_study):
+            template = _series_template(spec, study, series)
+            for number in range(spec.instances_per_series):
+                instances.append(_write_instance(spec, files_dir, template, study, series, number))
     manifest = {"generator": GENERATOR_VERSION, "spec": dataclasses.asdict(spec),
                 "instances": [dataclasses.asdict(i) for i in instances]}
     tmp = root / "manifest.json.part"
