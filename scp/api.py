@@ -29,10 +29,12 @@ class StorageSCP:
     """An embedded imagingstudy-scp server; a context manager that starts and stops it."""
 
     def __init__(self, data_dir: str | Path, *, aet: str = "IMAGINGSTUDY", host: str = "127.0.0.1",
-                 port: int = 0, fhir_version: str = "R6", **settings: Any) -> None:
+                 port: int = 0, fhir_version: str | None = None, **settings: Any) -> None:
+        flags = {"data_dir": Path(data_dir), "aet": aet, "host": host, "port": port, **settings}
+        if fhir_version is not None:
+            flags["fhir_version"] = fhir_version
         self._settings = load_settings(
-            {"data_dir": Path(data_dir), "aet": aet, "host": host, "port": port, "fhir_version": fhir_version,
-             **settings},
+            flags,
             search_default=False, environment=False,
         )
         self._server: Any = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import socketserver
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from scp.ae_policy import AEPolicy
 from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected
 from scp.metrics import Metrics
 from scp.records import Provenance
@@ -73,27 +75,37 @@ class ListenerOptions:
     host: str
     port: int
     aet: str
+    policy: AEPolicy | None = None  # None: any calling AE, called AE must be ours
     maximum_pdu_size: int = 131072
+    maximum_associations: int = 32
     network_timeout: float | None = 60
     acse_timeout: float = 30
     dimse_timeout: float | None = 60
+    tls_port: int | None = None
+    tls_context: ssl.SSLContext | None = None
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server with Nagle off on every accepted socket.
+    """pynetdicom's threaded server, adapted in two ways.
 
-    DICOM is request/response: with Nagle's algorithm a small C-STORE response
-    can wait for a delayed ACK, which caps a sender at tens of instances/s.
+    - Nagle is off on every accepted socket: DICOM is request/response, and a
+      small C-STORE response waiting for a delayed ACK caps a sender at tens of
+      instances per second.
+    - With TLS, the handshake happens on the association's own thread (first
+      read), not in the accept loop, so a slow or silent client cannot stall
+      every other connection.
     """
 
     daemon_threads = True
 
     def get_request(self) -> tuple[Any, Any]:
-        client, address = super().get_request()
+        client, address = self.socket.accept()  # type: ignore[union-attr]
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
     def shutdown(self) -> None:
@@ -103,18 +115,19 @@ class _Server(ThreadedAssociationServer):
 
 
 class Listener:
-    """A running Storage SCP bound to one address."""
+    """The running Storage SCP: one AE, a plain listener and optionally a TLS one beside it."""
 
     def __init__(self, options: ListenerOptions, ingest: Ingest,
                  on_end: Callable[[AssociationReport], None]) -> None:
         self.options = options
+        self._policy = options.policy or AEPolicy(options.aet)
         self._ingest = ingest
         self._metrics: Metrics = ingest.metrics
         self._on_end = on_end
         self._reports: dict[Any, AssociationReport] = {}
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[_Server] = []
+        self._threads: list[threading.Thread] = []
         # pynetdicom creates its chunked-receive temp files in tempfile's default dir (process-wide;
         # restored on stop so an embedding process gets its own back).
         self._previous_tempdir = tempfile.tempdir
@@ -127,18 +140,23 @@ class Listener:
         ae.network_timeout = self.options.network_timeout
         ae.acse_timeout = self.options.acse_timeout
         ae.dimse_timeout = self.options.dimse_timeout
-        ae.maximum_associations = 64
+        ae.maximum_associations = self.options.maximum_associations
+        ae.require_called_aet = False  # the AE policy decides, with a log line per refusal
         ae.add_supported_context(Verification)
         return ae
 
     @property
     def port(self) -> int:
-        """The bound port (useful when started on port 0)."""
-        assert self._server is not None, "listener not started"
-        return int(self._server.server_address[1])
+        """The bound plain port (useful when started on port 0)."""
+        return int(self._servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        return int(self._servers[1].server_address[1]) if len(self._servers) > 1 else None
 
     def start(self) -> None:
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_c_store),
@@ -147,21 +165,27 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self._server = self._ae.make_server(
-            (self.options.host, self.options.port), evt_handlers=handlers, server_class=_Server,
-        )
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"dicom-{self.port}",
-                                        daemon=True)
-        self._thread.start()
+        self._serve(self.options.port, None, handlers)
         log.info("listening on %s:%d as %s", self.options.host, self.port, self.options.aet)
+        if self.options.tls_port is not None:
+            self._serve(self.options.tls_port, self.options.tls_context, handlers)
+            log.info("listening with TLS on %s:%d as %s", self.options.host, self.tls_port, self.options.aet)
+
+    def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
+        server = self._ae.make_server((self.options.host, port), evt_handlers=handlers, server_class=_Server,
+                                      ssl_context=context)
+        thread = threading.Thread(target=server.serve_forever, name=f"dicom-{server.server_address[1]}",
+                                  daemon=True)
+        self._servers.append(server)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+        for server in self._servers:
+            server.shutdown()
+        for thread in self._threads:
+            thread.join(10)
+        self._servers, self._threads = [], []
         if tempfile.tempdir == str(self._ingest.store.tmp_dir):
             tempfile.tempdir = self._previous_tempdir
 
@@ -180,15 +204,31 @@ class Listener:
                 self._reports[assoc] = report
             return report
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """Apply the AE policy before negotiation; a refusal is an A-ASSOCIATE-RJ (permanent, service-user)."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling, called = str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()
+        refusal = self._policy.check(calling, called, str(assoc.requestor.address))
+        if refusal is None:
+            return
+        self._metrics.associations.labels(outcome="rejected").inc()
+        log.warning("association rejected (%s): calling=%s called=%s peer=%s:%s", refusal.message, calling,
+                    called, assoc.requestor.address, assoc.requestor.port)
+        assoc.acse.send_reject(0x01, 0x01, int(refusal.reason))
+        assoc.kill()
+
     def _on_accepted(self, event: evt.Event) -> None:
         self._metrics.associations.labels(outcome="accepted").inc()
         self._report(event.assoc)
 
     def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections (e.g. too many associations: transient, local limit exceeded)."""
         self._metrics.associations.labels(outcome="rejected").inc()
         requestor = event.assoc.requestor
-        log.warning("association rejected: calling=%s called=%s peer=%s:%s", str(requestor.ae_title).strip(),
-                    _called_aet(event.assoc), requestor.address, requestor.port)
+        log.warning("association rejected by the protocol layer (e.g. association limit): calling=%s "
+                    "called=%s peer=%s:%s", str(requestor.ae_title).strip(), _called_aet(event.assoc),
+                    requestor.address, requestor.port)
 
     def _on_c_echo(self, event: evt.Event) -> int:
         return 0x0000

@@ -53,13 +53,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="DICOM port (default 11112; 0 = any free port)")
     serve.add_argument("--aet", help="our AE title (default IMAGINGSTUDY)")
-    serve.add_argument("--fhir-version", help="FHIR release of the ImagingStudy: R6 (default), R5 or R4")
+    serve.add_argument("--fhir-version", help="FHIR release of the ImagingStudy: R6, R5 or R4 (default: R6 for "
+                       "the directory, a FHIR server's own release for that server)")
     serve.add_argument("--wado-rs-url", help="DICOMweb WADO-RS base URL for ImagingStudy.endpoint")
+    serve.add_argument("--fhir-url", action="append", metavar="BASE",
+                       help="FHIR server base URL to publish to (repeatable; the directory is always written)")
+    serve.add_argument("--fhir-token", help="bearer token for the FHIR servers (better: env or --fhir-token-file)")
+    serve.add_argument("--fhir-token-file", type=Path, help="file whose first line is the bearer token")
+    serve.add_argument("--fhir-username", help="HTTP basic user for the FHIR servers")
+    serve.add_argument("--fhir-password", help="HTTP basic password (better: env IMAGINGSTUDY_SCP_FHIR_PASSWORD)")
+    serve.add_argument("--fhir-ca-bundle", type=Path, help="CA bundle (PEM) to verify FHIR server certificates")
+    serve.add_argument("--fhir-timeout", type=float, help="seconds for one FHIR request (default 30)")
+    serve.add_argument("--patient-id-system", help="identifier system of the Patient of a study without Patient ID "
+                       "(default urn:imagingstudy-scp:unidentified-patient)")
+    serve.add_argument("--outbox-initial-delay", type=float, help="seconds before the first retry (default 1)")
+    serve.add_argument("--outbox-max-delay", type=float, help="cap of the retry delay in seconds (default 300)")
     serve.add_argument("--timezone", help="IANA zone for DICOM times without an offset (default: the host's)")
     serve.add_argument("--max-pdu", type=int, dest="max_pdu_size",
                        help="largest PDU we accept (default 131072, 0 = unlimited)")
     serve.add_argument("--no-fsync", action="store_const", const=False, dest="fsync",
                        help="do not fsync (faster, NOT durable on power loss; for throwaway data)")
+    serve.add_argument("--accept-any-called-aet", action="store_const", const=True,
+                       help="accept associations whatever AE title they call (default: ours only)")
+    serve.add_argument("--max-associations", type=int, help="concurrent associations (default 32)")
+    serve.add_argument("--acse-timeout", type=float, help="seconds (default 30)")
+    serve.add_argument("--dimse-timeout", type=float, help="seconds (default 60)")
+    serve.add_argument("--network-timeout", type=float, help="seconds (default 60)")
+    serve.add_argument("--max-instance-size-mb", type=int, help="refuse larger instances with 0xA700 (0 = no limit)")
+    serve.add_argument("--tls-port", type=int, help="DICOM TLS port, beside the plain one (conventionally 2762)")
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    serve.add_argument("--tls-ca", type=Path, help="CA bundle for client certificates")
+    serve.add_argument("--tls-require-client-cert", action="store_const", const=True,
+                       help="refuse TLS clients without a trusted certificate")
     serve.add_argument("--min-free-disk-mb", type=int, help="below this free space C-STORE answers 0xA700 "
                        "(default 100)")
     serve.add_argument("--duplicate-policy", choices=["replace", "keep-first", "reject"],
@@ -93,6 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     _common(config)
     config.set_defaults(run=_config)
+
+    outbox = sub.add_parser("outbox", help="list the publications pending or dead in the outbox")
+    _common(outbox)
+    outbox.set_defaults(run=_outbox_list)
+    outbox_sub = outbox.add_subparsers(dest="outbox_command")
+    retry = outbox_sub.add_parser("retry", help="re-queue dead (and hurry pending) publications, all or one study's")
+    retry.add_argument("study_uid", metavar="STUDY_UID", nargs="?")
+    retry.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS, help="the data dir (default ./scp-data)")
+    retry.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
+    retry.set_defaults(run=_outbox_retry)
     return parser
 
 
@@ -116,7 +152,7 @@ def _serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     server.start()
     log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,
-             server.port, settings.fhir_version, settings.data_dir)
+             server.port, settings.fhir_version or "R6 (FHIR servers: their own)", settings.data_dir)
     server.wait()
     return 0
 
@@ -177,7 +213,7 @@ def _show(settings: Settings, study_uid: str) -> int:
     mapped = build_imaging_study([i.header for i in instances], mapping_options(settings))
     for warning in mapped.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for problem in imaging_study_problems(mapped.resource, settings.fhir_version):
+    for problem in imaging_study_problems(mapped.resource, settings.directory_fhir_version()):
         print(f"invalid: {problem}", file=sys.stderr)
     sys.stdout.write(orjson.dumps(mapped.resource, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
@@ -190,7 +226,11 @@ def _publish(settings: Settings, study_uid: str) -> int:
 
     index = Index(Path(settings.data_dir) / INDEX_FILE)
     try:
-        outcome = publisher_for(settings, index).publish_now(study_uid)
+        publisher = publisher_for(settings, index)
+        try:
+            outcome = publisher.publish_now(study_uid)
+        finally:
+            publisher.close()
     finally:
         index.close()
     if not outcome.published:
@@ -199,6 +239,20 @@ def _publish(settings: Settings, study_uid: str) -> int:
         return 1
     print(f"published {study_uid} to {', '.join(outcome.sinks)}")
     return 0
+
+
+def _outbox_list(settings: Settings) -> int:
+    """A table of the pending and dead publications (readable while the server runs: SQLite WAL)."""
+    from scp.outbox import print_outbox
+
+    return print_outbox(Path(settings.data_dir))
+
+
+def _outbox_retry(settings: Settings, study_uid: str | None) -> int:
+    """Re-queue dead publications (all, or one study's); a running server delivers them within a second."""
+    from scp.outbox import retry_outbox
+
+    return retry_outbox(Path(settings.data_dir), study_uid)
 
 
 def _config(settings: Settings) -> int:
@@ -218,6 +272,8 @@ def _toml(value: Any) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return orjson.dumps(str(value)).decode()  # a JSON string is a valid TOML basic string
 
 

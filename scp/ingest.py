@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +31,7 @@ PROCESSING_FAILURE = 0x0110
 DUPLICATE_SOP_INSTANCE = 0x0111
 
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.ENOMEM}
+_SQLITE_FULL = 13  # primary result code: "database or disk is full"
 
 DuplicatePolicy = Literal["replace", "keep-first", "reject"]
 
@@ -55,11 +57,13 @@ class Ingest:
     """Turns a fully received dataset file into a stored, indexed instance."""
 
     def __init__(self, store: Store, index: Index, metrics: Metrics | None = None, *,
-                 min_free_bytes: int = 0, duplicate_policy: DuplicatePolicy = "replace") -> None:
+                 min_free_bytes: int = 0, max_instance_bytes: int = 0,
+                 duplicate_policy: DuplicatePolicy = "replace") -> None:
         self.store = store
         self.index = index
         self.metrics = metrics or Metrics()
         self.min_free_bytes = min_free_bytes
+        self.max_instance_bytes = max_instance_bytes
         self.duplicate_policy = duplicate_policy
 
     def accept(self, temp_path: str | os.PathLike[str], *, sop_instance_uid: str | None,
@@ -71,6 +75,7 @@ class Ingest:
         Raises :class:`Rejected` with the DIMSE status to answer.
         """
         self._check_free_space()
+        self._check_size(temp_path)
         header = self._header(temp_path, sop_instance_uid, sop_class_uid)
         existing = self.index.get(header.sop_uid)
         if existing is not None:
@@ -84,7 +89,13 @@ class Ingest:
                 raise Rejected(OUT_OF_RESOURCES, f"cannot store: {os.strerror(exc.errno or 0)}") from exc
             raise
         stored = StoredInstance(header=header, path=relative, size=size, provenance=provenance)
-        replaced = self.index.put(stored)
+        try:
+            replaced = self.index.put(stored)
+        except Exception as exc:
+            self._withdraw(relative, header, existing)
+            if _is_full(exc):
+                raise Rejected(OUT_OF_RESOURCES, "cannot index: database or disk is full") from exc
+            raise
         self.metrics.instances.inc()
         self.metrics.bytes.inc(size)
         touched = [header.study_uid]
@@ -97,12 +108,31 @@ class Ingest:
                 touched.append(replaced.study_uid)
         return Accepted(stored, tuple(touched))
 
+    def _withdraw(self, relative: str, header: InstanceHeader, existing: StoredInstance | None) -> None:
+        """The file is in place but its index row could not be written: the sender will get a failure, so
+        take the file back out of ``studies/`` unless an indexed instance lives at that path."""
+        if existing is not None and existing.path == relative:
+            log.error("SOP Instance %s: the new copy replaced the stored file but its index row could not "
+                      "be written; the file and the index disagree until `reindex`", header.sop_uid)
+            return
+        try:
+            current = self.index.get(header.sop_uid)
+            if current is not None and current.path == relative:
+                return  # another association stored and indexed the same instance meanwhile
+            self.store.remove(relative)
+        except Exception:
+            log.exception("cannot take %s back after its index row failed", relative)
+
     def _check_free_space(self) -> None:
         if self.min_free_bytes <= 0:
             return
         free = self.store.free_bytes()
         if free < self.min_free_bytes:
             raise Rejected(OUT_OF_RESOURCES, f"store has {free // 2**20} MB free, below the minimum")
+
+    def _check_size(self, temp_path: str | os.PathLike[str]) -> None:
+        if self.max_instance_bytes > 0 and os.path.getsize(temp_path) > self.max_instance_bytes:
+            raise Rejected(OUT_OF_RESOURCES, f"instance larger than {self.max_instance_bytes // 2**20} MB")
 
     @staticmethod
     def _header(temp_path: str | os.PathLike[str], sop_instance_uid: str | None,
@@ -133,6 +163,24 @@ class Ingest:
         if self.duplicate_policy == "reject":
             raise Rejected(DUPLICATE_SOP_INSTANCE, "SOP Instance UID already stored")
         return None
+
+
+def _is_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised while handling) says the disk is full.
+
+    A failed COMMIT may surface as the ROLLBACK's "no transaction is active" error, with the
+    SQLITE_FULL error as its context, so the chain is followed.
+    """
+    seen: BaseException | None = exc
+    for _ in range(16):  # a chain is short; never loop on a cyclic one
+        if seen is None:
+            break
+        if isinstance(seen, sqlite3.Error) and (getattr(seen, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL:
+            return True
+        if isinstance(seen, OSError) and seen.errno in _RESOURCE_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _digest(path: str | os.PathLike[str]) -> str:

@@ -35,6 +35,8 @@ class Metrics:
                                  registry=r)
         self.queue_oldest = Gauge("imagingstudy_scp_outbox_oldest_age_seconds",
                                   "Age of the oldest study waiting to be published (0 when none)", registry=r)
+        self.outbox_dead = Gauge("imagingstudy_scp_outbox_dead", "Publications a sink refused for good "
+                                 "(dead-lettered until `imagingstudy-scp outbox retry`)", registry=r)
 
     def track_queue(self, depth: Callable[[], int], oldest_age: Callable[[], float]) -> None:
         """Read the publication queue's depth and oldest age at scrape time."""

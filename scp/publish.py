@@ -1,32 +1,48 @@
-"""Assemble, validate and hand ImagingStudy resources to the sinks, off the association threads.
+"""Assemble, validate and deliver ImagingStudy resources through the durable outbox, off the association threads.
 
-Studies are queued when an association ends; a single worker drains the queue,
-and a study queued again while still pending is published once, with whatever
-the index holds when its turn comes. A resource that fails validation is a bug:
-it is logged as an error with the study UID and kept under ``rejected/``.
+When an association ends, every study it touched is recorded in the outbox (:mod:`scp.outbox`)
+for every sink; one worker thread per sink delivers what is due, so a FHIR server that is down
+or slow never holds back the directory sink (nor a sender). A worker assembles a study from what
+the index holds when the study's turn comes, so pending revisions of a study collapse into the
+latest. A failed delivery is retried with exponential backoff and jitter for as long as it takes;
+a refusal that trying again cannot cure (or a resource that fails our own validation, which is a
+bug, kept under ``rejected/``) dead-letters the item until ``imagingstudy-scp outbox retry``.
+
+Sinks may want different FHIR releases (the directory the configured one, a FHIR server its
+own): the ImagingStudy of each release is built and validated at most once per study content,
+whichever sinks and threads ask for it (:class:`_Assembler`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import queue
+import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from scp import logs
+from scp.fhir_version import FhirVersion
 from scp.index import Index
-from scp.metrics import Metrics
 from scp.mapping.imaging_study import MappingOptions, build_imaging_study
-from scp.sinks.base import Publication, Sink
+from scp.metrics import Metrics
+from scp.outbox import OUTBOX_FILE, Backoff, Outbox, OutboxItem
+from scp.records import StoredInstance
+from scp.sinks.base import Delivery, DeliveryError, Publication, Sink
 from scp.sinks.directory import write_json_atomically
 from scp.validation import imaging_study_problems
 
 log = logging.getLogger("scp.publish")
 
-_STOP = object()
+POLL_SECONDS = 1.0  # how often an idle worker looks at the outbox (retries asked for by another process)
+DRAIN_SECONDS = 10.0  # at stop, how long workers go on delivering what is due
 
 
 @dataclass(frozen=True)
@@ -39,126 +55,358 @@ class Outcome:
     problems: tuple[str, ...] = ()
 
 
-class Publisher:
-    """Turns study UIDs into published ImagingStudy resources on a worker thread."""
+@dataclass(frozen=True)
+class _Rejected:
+    """A resource that failed validation (a bug): never sent."""
 
-    def __init__(self, index: Index, sinks: Sequence[Sink], options: MappingOptions, rejected_dir: Path,
-                 metrics: Metrics | None = None) -> None:
-        self._index = index
-        self._sinks = list(sinks)
+    version: FhirVersion
+    problems: tuple[str, ...]
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value: Publication | _Rejected | None = None
+
+
+class _Assembler:
+    """Builds and validates one release of one study's content once, for every sink that wants it."""
+
+    def __init__(self, options: MappingOptions, rejected_dir: Path, size: int = 8) -> None:
         self._options = options
         self._rejected_dir = rejected_dir
-        self._metrics = metrics or Metrics()
-        self._queue: queue.Queue[object] = queue.Queue()
-        # study → (association end for the latency metric, when it was queued)
-        self._pending: dict[str, tuple[float | None, float]] = {}
+        self._size = size
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._busy = 0
-        self._thread: threading.Thread | None = None
+        self._slots: OrderedDict[tuple[Any, ...], _Slot] = OrderedDict()
+        self.builds = 0  # how many times a resource was built (tests)
+
+    def get(self, study_uid: str, version: FhirVersion, instances: Sequence[StoredInstance]) -> Publication | _Rejected:
+        key = (study_uid, version, len(instances), max(i.provenance.received_at for i in instances),
+               instances[-1].header.sop_uid)
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot()
+                while len(self._slots) > self._size:
+                    self._slots.popitem(last=False)
+            else:
+                self._slots.move_to_end(key)
+        with slot.lock:
+            if slot.value is None:
+                slot.value = self._build(study_uid, version, instances)
+            return slot.value
+
+    def _build(self, study_uid: str, version: FhirVersion, instances: Sequence[StoredInstance]) -> Publication | _Rejected:
+        self.builds += 1
+        options = dataclasses.replace(self._options, version=version)
+        mapped = build_imaging_study([i.header for i in instances], options)
+        for warning in mapped.warnings:
+            log.warning("%s", warning)
+        problems = imaging_study_problems(mapped.resource, version)
+        if problems:
+            path = self._rejected_dir / f"{study_uid}.json"
+            write_json_atomically(path, {"version": str(version), "problems": problems, "resource": mapped.resource})
+            log.error("ImagingStudy for study %s is invalid (%s) and was not published; kept in %s: %s",
+                      study_uid, version, path, "; ".join(problems))
+            return _Rejected(version, tuple(problems))
+        return Publication(study_uid, version, mapped.resource, tuple(instances))
+
+
+class Publisher:
+    """Turns study UIDs into published resources: the outbox, one worker per sink, the assembler."""
+
+    def __init__(self, index: Index, sinks: Sequence[Sink], options: MappingOptions, rejected_dir: Path,
+                 metrics: Metrics | None = None, *, outbox: Outbox | None = None, backoff: Backoff | None = None,
+                 fsync: bool = True) -> None:
+        names = [sink.name for sink in sinks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two sinks share a name: {names}")
+        self._index = index
+        self._sinks = list(sinks)
+        self._names = names
+        self._options = options
+        self._metrics = metrics or Metrics()
+        self._outbox = outbox or Outbox(Path(index.path).parent / OUTBOX_FILE, fsync=fsync)
+        self._backoff = backoff or Backoff()
+        self._assembler = _Assembler(options, rejected_dir)
+        self._wake = {name: threading.Event() for name in names}
+        self._failing: dict[str, int] = {name: 0 for name in names}  # consecutive sink-level failures
+        self._paused_until: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self._drain_until = 0.0
+        self._threads: list[threading.Thread] = []
+        dead_gauge = getattr(self._metrics, "outbox_dead", None)
+        if dead_gauge is not None:
+            dead_gauge.set_function(lambda: float(self._outbox.dead_count(self._names)))
+
+    @property
+    def outbox(self) -> Outbox:
+        return self._outbox
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return list(self._sinks)
+
+    # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self._thread.start()
+        """Start one worker per sink; what was pending before the last stop is due at once."""
+        self._stopping.clear()
+        resumed = self._outbox.resume(self._names)
+        if resumed:
+            log.info("outbox: %d pending deliveries resumed", resumed)
+        for sink in self._sinks:
+            thread = threading.Thread(target=self._work, args=(sink,), name=f"publisher {sink.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-    def stop(self, timeout: float = 30) -> None:
-        """Finish what is queued, then stop the worker."""
-        if self._thread is None:
+    def stop(self, timeout: float = 15) -> None:
+        """Deliver what is due for a few seconds more, then stop the workers; the rest stays in the outbox.
+
+        A request still in flight after ``timeout`` is abandoned: its item stays pending and is
+        delivered again at the next start (harmless: every delivery is idempotent)."""
+        if not self._threads:
             return
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
+        self._drain_until = time.monotonic() + min(DRAIN_SECONDS, timeout)
+        self._stopping.set()
+        for event in self._wake.values():
+            event.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        self._threads = []
+        if alive:
+            log.warning("stopping with deliveries still in flight (%s); they stay in the outbox", ", ".join(alive))
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Release the sinks' connections and the outbox (after :meth:`stop`, or when never started)."""
+        for sink in self._sinks:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                close()
+        self._outbox.close()
+
+    # -- queueing ------------------------------------------------------------------------------
 
     def submit(self, study_uids: Iterable[str], ended_at: float | None = None) -> None:
-        """Queue studies for publication; ``ended_at`` (monotonic) measures release→sink latency."""
-        with self._lock:
-            for uid in study_uids:
-                if uid in self._pending:
-                    continue
-                self._pending[uid] = (ended_at, time.monotonic())
-                self._busy += 1
-                self._queue.put(uid)
+        """Record the studies in the outbox for every sink; ``ended_at`` (monotonic) measures release→sink latency."""
+        uids = list(study_uids)
+        if not uids:
+            return
+        wall = time.time() - (time.monotonic() - ended_at) if ended_at is not None else None
+        self._outbox.submit(self._names, uids, ended_at=wall)
+        self._wake_all()
+
+    def resume(self, study_uids: Iterable[str], changed: Iterable[str] = ()) -> None:
+        """Start-up: queue the studies whose stored instances some sink has not received.
+
+        ``changed`` studies (files the index had lost or that vanished) go to every sink again;
+        for the others each sink is asked only if it has not delivered the study as it stands,
+        and a dead item stays dead while its content is unchanged.
+        """
+        forced = set(changed)
+        queued = 0
+        for uid in study_uids:
+            if uid in forced:
+                self._outbox.submit(self._names, [uid])
+                queued += 1
+                continue
+            instances = self._index.study_instances(uid)
+            if not instances:
+                continue
+            count, up_to = len(instances), max(i.provenance.received_at for i in instances)
+            queued += sum(self._outbox.submit_uncovered(name, uid, count, up_to) for name in self._names)
+            if self._outbox.fully_delivered(self._names, uid, count, up_to):
+                self._index.record_publication(uid, count, up_to, time.time())
+        if queued:
+            self._wake_all()
 
     def depth(self) -> int:
-        """Studies queued or being published."""
-        return self._busy
+        """Studies waiting for at least one sink."""
+        return self._outbox.depth(self._names)
 
     def oldest_age(self) -> float:
-        """Seconds the longest-waiting queued study has waited (0 when none)."""
-        with self._lock:
-            queued = [since for _, since in self._pending.values()]
-        return time.monotonic() - min(queued) if queued else 0.0
+        """Seconds the longest-waiting study has waited (0 when none)."""
+        return self._outbox.oldest_age(self._names)
 
     def wait_idle(self, timeout: float = 30) -> bool:
-        """Block until every queued study has been handled (tests, shutdown)."""
+        """Block until nothing is pending for any sink (tests, tools); False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
+        while self.depth():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
         return True
 
+    # -- delivering now (the `publish` command) --------------------------------------------------
+
     def publish_now(self, study_uid: str, ended_at: float | None = None) -> Outcome:
-        """Assemble, validate and deliver one study on the calling thread."""
+        """Assemble, validate and deliver one study on the calling thread, to every sink.
+
+        A sink that fails gets the study queued in the outbox, so a running server (or the
+        next start) retries it.
+        """
         instances = self._index.study_instances(study_uid)
         if not instances:
             log.warning("study %s has no stored instances; nothing to publish", study_uid)
             return Outcome(study_uid, False, ())
-        mapped = build_imaging_study([i.header for i in instances], self._options)
-        for warning in mapped.warnings:
-            log.warning("%s", warning)
-        problems = imaging_study_problems(mapped.resource, self._options.version)
-        if problems:
-            self._reject(study_uid, mapped.resource, problems)
-            return Outcome(study_uid, False, (), tuple(problems))
-        publication = Publication(study_uid, self._options.version, mapped.resource, tuple(instances))
-        delivered = []
+        count, up_to = len(instances), max(i.provenance.received_at for i in instances)
+        wall_end = time.time() - (time.monotonic() - ended_at) if ended_at is not None else None
+        delivered: list[str] = []
+        problems: list[str] = []
         for sink in self._sinks:
             try:
+                publication = self._publication(sink, study_uid, instances)
+                if isinstance(publication, _Rejected):
+                    raise DeliveryError("invalid ImagingStudy: " + "; ".join(publication.problems), retryable=False)
                 delivery = sink.publish(publication)
-            except Exception:
-                log.exception("publication of study %s to %s failed", study_uid, sink.name)
+            except Exception as exc:
+                problems.append(f"{sink.name}: {exc}")
                 self._metrics.publications.labels(sink=sink.name, result="failed").inc()
+                log.error("publication of study %s to %s failed: %s; queued in the outbox", study_uid, sink.name, exc)
+                self._outbox.submit([sink.name], [study_uid])
                 continue
+            self._outbox.record_direct(sink.name, study_uid, count, up_to)
+            self._delivered_event(sink, publication, delivery, wall_end)
             delivered.append(sink.name)
-            latency = time.monotonic() - ended_at if ended_at is not None else None
-            self._metrics.publications.labels(sink=sink.name, result="delivered").inc()
-            if latency is not None:
-                self._metrics.publication_latency.labels(sink=sink.name).observe(latency)
-            shown = f" latency={latency:.3f}s" if latency is not None else ""
-            logs.event(log, logging.INFO, "publication",
-                       f"published study={study_uid} sink={sink.name} series={mapped.resource['numberOfSeries']} "
-                       f"instances={mapped.resource['numberOfInstances']} version={self._options.version}"
-                       f"{shown} -> {delivery.detail}",
-                       study_uid=study_uid, sink=sink.name, result="delivered",
-                       series=mapped.resource["numberOfSeries"], instances=mapped.resource["numberOfInstances"],
-                       version=str(self._options.version), latency=latency, detail=delivery.detail)
         if len(delivered) == len(self._sinks):
-            self._index.record_publication(study_uid, len(instances),
-                                           max(i.provenance.received_at for i in instances), time.time())
-        return Outcome(study_uid, len(delivered) == len(self._sinks), tuple(delivered))
+            self._index.record_publication(study_uid, count, up_to, time.time())
+        self._wake_all()
+        return Outcome(study_uid, len(delivered) == len(self._sinks), tuple(delivered), tuple(problems))
 
-    def _reject(self, study_uid: str, resource: dict[str, object], problems: list[str]) -> None:
-        path = self._rejected_dir / f"{study_uid}.json"
-        write_json_atomically(path, {"problems": problems, "resource": resource})
-        log.error("ImagingStudy for study %s is invalid (%s) and was not published; kept in %s: %s",
-                  study_uid, self._options.version, path, "; ".join(problems))
+    # -- the workers -----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _wake_all(self) -> None:
+        for event in self._wake.values():
+            event.set()
+
+    def _work(self, sink: Sink) -> None:
+        """Deliver the sink's due items, oldest due first, until stopped.
+
+        While the sink itself is failing (no answer, 5xx, 408, 429) the worker pauses the whole
+        sink with the same backoff, so a server that is down gets one attempt per delay rather
+        than one per pending study; only items never tried yet (new studies, ``outbox retry``)
+        go through during the pause.
+        """
+        wake = self._wake[sink.name]
         while True:
-            item = self._queue.get()
-            if item is _STOP:
+            if self._stopping.is_set() and time.monotonic() > self._drain_until:
                 return
-            study_uid = str(item)
-            with self._lock:
-                ended_at, _ = self._pending.pop(study_uid, (None, 0.0))
+            wake.clear()
+            paused = self._paused_until.get(sink.name, 0.0) > time.time()
             try:
-                self.publish_now(study_uid, ended_at)
+                item, next_at = self._outbox.next_due(sink.name, fresh_only=paused)
+                if paused:
+                    next_at = min(next_at or math.inf, self._paused_until[sink.name])
             except Exception:
-                log.exception("publishing study %s failed", study_uid)
-            finally:
-                with self._idle:
-                    self._busy -= 1
-                    self._idle.notify_all()
+                if self._stopping.is_set():
+                    return
+                log.exception("outbox of %s unreadable; trying again", sink.name)
+                wake.wait(POLL_SECONDS)
+                continue
+            if item is None:
+                if self._stopping.is_set():
+                    return
+                pause = POLL_SECONDS if next_at is None else min(POLL_SECONDS, max(0.0, next_at - time.time()))
+                wake.wait(pause)
+                continue
+            try:
+                self._attempt(sink, item)
+            except Exception:  # a bug in the bookkeeping: never let it kill the worker
+                log.exception("delivering study %s to %s failed unexpectedly", item.study_uid, sink.name)
+                wake.wait(POLL_SECONDS)
+
+    def _publication(self, sink: Sink, study_uid: str,
+                     instances: Sequence[StoredInstance]) -> Publication | _Rejected:
+        version_of = getattr(sink, "fhir_version", None)
+        version = version_of() if callable(version_of) else self._options.version
+        return self._assembler.get(study_uid, version, instances)
+
+    def _attempt(self, sink: Sink, item: OutboxItem) -> None:
+        uid = item.study_uid
+        instances = self._index.study_instances(uid)
+        if not instances:
+            log.warning("study %s has no stored instances any more; dropped from the outbox of %s", uid, sink.name)
+            self._outbox.drop(item)
+            return
+        count, up_to = len(instances), max(i.provenance.received_at for i in instances)
+        publication: Publication | _Rejected | None = None
+        try:
+            publication = self._publication(sink, uid, instances)
+            if isinstance(publication, _Rejected):
+                raise DeliveryError(f"invalid {publication.version} ImagingStudy (kept under rejected/): "
+                                    + "; ".join(publication.problems), retryable=False)
+            delivery = sink.publish(publication)
+        except DeliveryError as exc:
+            self._failed(sink, item, exc, count, up_to, publication)
+            return
+        except Exception as exc:  # an unexpected failure (disk full, a bug in a sink): retry, loudly at first
+            if item.attempts == 0:
+                log.exception("publication of study %s to %s raised", uid, sink.name)
+            self._failed(sink, item, DeliveryError(f"{type(exc).__name__}: {exc}", retryable=True), count, up_to,
+                         publication)
+            return
+        now = time.time()
+        self._failing[sink.name] = 0
+        self._paused_until.pop(sink.name, None)
+        done = self._outbox.delivered(item, count, up_to, now)
+        self._delivered_event(sink, publication, delivery, item.ended_at, now)
+        if done and self._outbox.fully_delivered(self._names, uid, count, up_to):
+            self._index.record_publication(uid, count, up_to, now)
+
+    def _delivered_event(self, sink: Sink, publication: Publication, delivery: Delivery, ended_at: float | None,
+                         now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        latency = max(0.0, now - ended_at) if ended_at is not None else None
+        self._metrics.publications.labels(sink=sink.name, result="delivered").inc()
+        if latency is not None:
+            self._metrics.publication_latency.labels(sink=sink.name).observe(latency)
+        resource = publication.resource
+        shown = f" latency={latency:.3f}s" if latency is not None else ""
+        extra = {k: v for k, v in delivery.fields.items() if k not in _EVENT_KEYS}
+        logs.event(log, logging.INFO, "publication",
+                   f"published study={publication.study_uid} sink={sink.name} series={resource['numberOfSeries']} "
+                   f"instances={resource['numberOfInstances']} version={publication.version}{shown} -> "
+                   f"{delivery.detail}",
+                   study_uid=publication.study_uid, sink=sink.name, result="delivered",
+                   series=resource["numberOfSeries"], instances=resource["numberOfInstances"],
+                   version=str(publication.version), latency=latency, detail=delivery.detail, **extra)
+
+    def _failed(self, sink: Sink, item: OutboxItem, exc: DeliveryError, count: int, up_to: float,
+                publication: Publication | _Rejected | None) -> None:
+        outcome = orjson.dumps(exc.outcome).decode() if exc.outcome is not None else None
+        version = str(publication.version) if publication is not None else None
+        extra = {k: v for k, v in exc.fields.items() if k not in _EVENT_KEYS}
+        if exc.retryable:
+            attempts = item.attempts + 1
+            delay = self._backoff.delay(attempts, exc.retry_after)
+            if exc.status is None or exc.status >= 500 or exc.status in (408, 429):  # the sink, not this item
+                self._failing[sink.name] += 1
+                pause = self._backoff.delay(self._failing[sink.name], exc.retry_after)
+                self._paused_until[sink.name] = time.time() + pause
+            self._outbox.failed(item, delay=delay, error=str(exc), status=exc.status, outcome=outcome, count=count,
+                                up_to=up_to)
+            self._metrics.publications.labels(sink=sink.name, result="failed").inc()
+            logs.event(log, logging.WARNING, "publication",
+                       f"publication of study={item.study_uid} to sink={sink.name} failed (attempt {attempts}): "
+                       f"{exc}; next attempt in {delay:.1f}s",
+                       study_uid=item.study_uid, sink=sink.name, result="retry", attempts=attempts,
+                       status=exc.status, error=str(exc), retry_in=round(delay, 3), version=version,
+                       outcome=exc.outcome, **extra)
+            return
+        dead = self._outbox.dead(item, error=str(exc), status=exc.status, outcome=outcome, count=count, up_to=up_to)
+        self._metrics.publications.labels(sink=sink.name, result="dead" if dead else "failed").inc()
+        said = f"; OperationOutcome: {outcome}" if outcome else ""
+        logs.event(log, logging.ERROR, "publication",
+                   f"publication of study={item.study_uid} to sink={sink.name} refused: {exc}{said}; "
+                   + ("dead-lettered (imagingstudy-scp outbox retry re-queues it)" if dead
+                      else "newer content is pending: trying that"),
+                   study_uid=item.study_uid, sink=sink.name, result="dead" if dead else "retry",
+                   status=exc.status, error=str(exc), version=version, outcome=exc.outcome, **extra)
+
+
+# Keys of the "publication" record that a sink's own fields may not overwrite.
+_EVENT_KEYS = frozenset({"study_uid", "sink", "result", "series", "instances", "version", "latency", "detail"})

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from pathlib import Path
 
 from scp import logs
 from scp.admin_http import AdminServer
+from scp.ae_policy import AEPolicy, CallingAE
 from scp.association import AssociationReport, Listener, ListenerOptions
 from scp.index import INDEX_FILE, Index
 from scp.ingest import Ingest
 from scp.mapping.imaging_study import MappingOptions
 from scp.metrics import Metrics
+from scp.outbox import Backoff
 from scp.publish import Publisher
 from scp.reconcile import reconcile
 from scp.settings import Settings
 from scp.sinks.base import Sink
 from scp.sinks.directory import DirectorySink
+from scp.sinks.fhir_server import fhir_sinks
 from scp.store import Store
+from scp.tls import server_context
 
 log = logging.getLogger("scp.server")
 
@@ -34,13 +39,9 @@ class Server:
         self.publisher = publisher_for(settings, self.index, self.metrics)
         self.metrics.track_queue(self.publisher.depth, self.publisher.oldest_age)
         self.ingest = Ingest(self.store, self.index, self.metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
+                             max_instance_bytes=settings.max_instance_size_mb * 2**20,
                              duplicate_policy=settings.duplicate_policy)
-        self.listener = Listener(
-            ListenerOptions(host=settings.host, port=settings.port, aet=settings.aet,
-                            maximum_pdu_size=settings.max_pdu_size),
-            self.ingest,
-            on_end=self._association_ended,
-        )
+        self.listener = Listener(listener_options(settings), self.ingest, on_end=self._association_ended)
         self.admin: AdminServer | None = None
         if settings.http_port is not None:
             self.admin = AdminServer(settings.http_host, settings.http_port, self.metrics,
@@ -61,7 +62,7 @@ class Server:
         backlog = sorted(set(changed) | set(self.index.unpublished_studies()))
         if backlog:
             log.info("publishing %d studies not published before the last stop", len(backlog))
-            self.publisher.submit(backlog)
+            self.publisher.resume(backlog, changed=changed)  # per sink: only what it has not delivered
         self.listener.start()
         if self.admin is not None:
             self.admin.start()
@@ -126,14 +127,38 @@ class Server:
 
 
 
+def listener_options(settings: Settings) -> ListenerOptions:
+    """The DICOM listener as the settings describe it: address, AE policy, limits, TLS."""
+    policy = AEPolicy(
+        our_aet=settings.aet,
+        accept_any_called_aet=settings.accept_any_called_aet,
+        calling=tuple(CallingAE(entry.aet, tuple(ipaddress.ip_network(h, strict=False) for h in entry.hosts))
+                      for entry in settings.calling_aets),
+    )
+    tls_context = None
+    if settings.tls_port is not None:
+        assert settings.tls_cert is not None and settings.tls_key is not None  # checked by Settings
+        tls_context = server_context(settings.tls_cert, settings.tls_key, settings.tls_ca,
+                                     require_client_cert=settings.tls_require_client_cert)
+    return ListenerOptions(
+        host=settings.host, port=settings.port, aet=settings.aet, policy=policy,
+        maximum_pdu_size=settings.max_pdu_size, maximum_associations=settings.max_associations,
+        network_timeout=settings.network_timeout, acse_timeout=settings.acse_timeout,
+        dimse_timeout=settings.dimse_timeout, tls_port=settings.tls_port, tls_context=tls_context,
+    )
+
+
 def mapping_options(settings: Settings) -> MappingOptions:
     """How the settings ask for ImagingStudy resources to be written."""
-    return MappingOptions(version=settings.fhir_version, local_zone=settings.local_zone(),
-                          wado_rs_url=settings.wado_rs_url, log_phi=settings.log_phi)
+    return MappingOptions(version=settings.directory_fhir_version(), local_zone=settings.local_zone(),
+                          wado_rs_url=settings.wado_rs_url, log_phi=settings.log_phi,
+                          unidentified_patient_system=settings.patient_id_system)
 
 
 def publisher_for(settings: Settings, index: Index, metrics: Metrics | None = None) -> Publisher:
     """The publisher with every sink the settings configure (the server's and the admin CLI's)."""
     fhir_dir = Path(settings.data_dir).resolve() / "fhir"
     sinks: list[Sink] = [DirectorySink(fhir_dir, fsync=settings.fsync)]
-    return Publisher(index, sinks, mapping_options(settings), fhir_dir / "rejected", metrics)
+    sinks += fhir_sinks(settings)  # one per --fhir-url
+    return Publisher(index, sinks, mapping_options(settings), fhir_dir / "rejected", metrics,
+                     backoff=Backoff(settings.outbox_initial_delay, settings.outbox_max_delay), fsync=settings.fsync)

@@ -73,3 +73,11 @@ def test_a_bad_value_fails_fast_naming_its_key(tmp_path: Path, source: str, key:
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="config: .* does not exist"):
         load_settings({}, tmp_path / "nope.toml")
+
+
+def test_readme_documents_every_setting() -> None:
+    from scp.settings import Settings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [key for key in Settings.model_fields if f"| `{key}` |" not in readme]
+    assert missing == [], f"settings missing from the README's configuration table: {missing}"

@@ -25,6 +25,22 @@ class Delivery:
 
     sink: str
     detail: str
+    fields: dict[str, Any] = field(default_factory=dict)  # structured facts for the "publication" record
+
+
+class DeliveryError(Exception):
+    """A sink could not deliver. ``retryable`` failures are tried again later (the outbox's backoff);
+    the others dead-letter the publication until an operator re-queues it."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None,
+                 outcome: dict[str, Any] | None = None, retry_after: float | None = None,
+                 fields: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+        self.outcome = outcome  # the server's OperationOutcome, when it sent one
+        self.retry_after = retry_after
+        self.fields = fields or {}
 
 
 class Sink(Protocol):
@@ -33,5 +49,10 @@ class Sink(Protocol):
     name: str
 
     def publish(self, publication: Publication) -> Delivery:
-        """Deliver ``publication`` durably or raise; retrying is the caller's business."""
+        """Deliver ``publication`` durably or raise; retrying is the caller's business.
+
+        Raise :class:`DeliveryError` to say whether trying again can help; any other exception
+        counts as retryable. A sink that writes a FHIR release of its own choosing (a FHIR server's)
+        also has ``fhir_version() -> FhirVersion``; the others get the configured release.
+        """
         ...

@@ -1,0 +1,214 @@
+"""The outbox and the publisher's workers, with sinks of our own making (no network, a few seconds)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import wait_for
+from dicom_factory import make_study
+from scp.fhir_version import FhirVersion
+from scp.header import read_header
+from scp.index import Index
+from scp.mapping.imaging_study import MappingOptions
+from scp.metrics import Metrics
+from scp.outbox import DEAD, DELIVERED, OUTBOX_FILE, PENDING, Backoff, Outbox
+from scp.publish import Publisher
+from scp.records import Provenance, StoredInstance
+from scp.sinks.base import Delivery, DeliveryError, Publication
+from scp.sinks.fhir_server import retryable_status
+
+FAST = Backoff(initial=0.05, cap=0.1)
+
+
+class FakeSink:
+    """Records what it was given; raises the queued errors first. ``version`` set = a FHIR-server-like sink."""
+
+    def __init__(self, name: str, version: FhirVersion | None = None, errors: list[Exception] | None = None,
+                 gate: threading.Event | None = None) -> None:
+        self.name = name
+        self.errors = list(errors or [])
+        self.published: list[Publication] = []
+        self.gate = gate
+        self.entered = threading.Event()
+        if version is not None:
+            self.fhir_version = lambda: version
+
+    def publish(self, publication: Publication) -> Delivery:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.errors:
+            raise self.errors.pop(0)
+        self.published.append(publication)
+        return Delivery(self.name, "ok", {"status": 200})
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[Index]:
+    idx = Index(tmp_path / "index.sqlite3")
+    yield idx
+    idx.close()
+
+
+def store(index: Index, folder: Path, seed: str, count: int = 2) -> str:
+    """Index a generated study (as if received now); its Study Instance UID."""
+    study = make_study(folder, series=(("CT", count),), seed=seed)
+    for path in study.files:
+        index.put(StoredInstance(read_header(path), f"studies/{path.name}", path.stat().st_size,
+                                 Provenance("SCU", "IMAGINGSTUDY", "127.0.0.1", "a1", time.time())))
+    return study.study_uid
+
+
+def publisher(index: Index, tmp_path: Path, sinks: list[Any], metrics: Metrics | None = None) -> Publisher:
+    return Publisher(index, sinks, MappingOptions(), tmp_path / "rejected", metrics, backoff=FAST, fsync=False)
+
+
+def test_pending_revisions_collapse_into_one_item(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / OUTBOX_FILE, fsync=False)
+    for ended in (1.0, 2.0, 3.0):
+        outbox.submit(["directory", "fhir:x"], ["1.2.3"], ended_at=ended)
+    items = outbox.items()
+    assert [(i.sink, i.state, i.revision) for i in items] == [("directory", PENDING, 3), ("fhir:x", PENDING, 3)]
+    assert items[0].ended_at == 1.0 and items[0].last_ended_at == 3.0  # latency counts from the first release
+    assert outbox.depth(["directory", "fhir:x"]) == 1  # one study waiting
+    outbox.close()
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    backoff = Backoff(initial=1, cap=8)
+    for attempt, ceiling in ((1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (50, 8)):
+        delays = [backoff.delay(attempt) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1  # jitter
+    assert backoff.delay(1, retry_after=30) == 30  # a server's Retry-After wins
+
+
+def test_which_answers_are_worth_retrying() -> None:
+    assert [s for s in (400, 401, 403, 404, 405, 410, 415, 422) if retryable_status(s)] == []
+    assert all(retryable_status(s) for s in (408, 409, 412, 429, 500, 502, 503, 504, 302))
+
+
+def test_each_release_is_built_once_per_study_whatever_the_sinks(index: Index, tmp_path: Path) -> None:
+    uid = store(index, tmp_path / "s", "build-once")
+    sinks = [FakeSink("directory"), FakeSink("fhir:a", FhirVersion.R4), FakeSink("fhir:b", FhirVersion.R4),
+             FakeSink("fhir:c", FhirVersion.R6)]
+    pub = publisher(index, tmp_path, sinks)
+    pub.start()
+    pub.submit([uid], ended_at=time.monotonic())
+    assert pub.wait_idle(20)
+    assert [len(s.published) for s in sinks] == [1, 1, 1, 1]
+    assert [s.published[0].version for s in sinks] == [FhirVersion.R6, FhirVersion.R4, FhirVersion.R4, FhirVersion.R6]
+    assert pub._assembler.builds == 2  # R6 once, R4 once
+    assert index.unpublished_studies() == []  # every sink has it: the index says published
+    pub.stop()
+
+
+def test_retryable_failures_back_off_until_delivered(index: Index, tmp_path: Path) -> None:
+    uid = store(index, tmp_path / "s", "retry")
+    metrics = Metrics()
+    flaky = FakeSink("fhir:flaky", FhirVersion.R4, errors=[DeliveryError("down", retryable=True),
+                                                          ConnectionError("reset"),
+                                                          DeliveryError("busy", retryable=True, status=503)])
+    pub = publisher(index, tmp_path, [FakeSink("directory"), flaky], metrics)
+    pub.start()
+    pub.submit([uid])
+    assert pub.wait_idle(20)
+    assert len(flaky.published) == 1
+    assert metrics.publications.labels(sink="fhir:flaky", result="failed")._value.get() == 3
+    assert pub.outbox.get("fhir:flaky", uid).state == DELIVERED  # type: ignore[union-attr]
+    assert index.unpublished_studies() == []
+    pub.stop()
+
+
+def test_a_refusal_dead_letters_until_retry(index: Index, tmp_path: Path) -> None:
+    uid = store(index, tmp_path / "s", "dead")
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]}
+    picky = FakeSink("fhir:picky", FhirVersion.R4,
+                     errors=[DeliveryError("no", retryable=False, status=422, outcome=outcome)])
+    pub = publisher(index, tmp_path, [FakeSink("directory"), picky])
+    pub.start()
+    pub.submit([uid])
+    item = wait_for(lambda: (i := pub.outbox.get("fhir:picky", uid)) and i.state == DEAD and i, what="dead")
+    assert item.last_status == 422 and '"OperationOutcome"' in item.outcome
+    assert uid in index.unpublished_studies()  # one sink still lacks it
+    assert pub.depth() == 0 and pub.outbox.dead_count(["fhir:picky"]) == 1
+
+    pub.resume([uid])  # a start-up does not revive a dead item whose content is unchanged
+    assert pub.outbox.get("fhir:picky", uid).state == DEAD  # type: ignore[union-attr]
+    assert pub.outbox.retry(uid) == 1
+    assert pub.wait_idle(20)
+    assert len(picky.published) == 1 and index.unpublished_studies() == []
+    pub.stop()
+
+
+def test_new_content_during_a_delivery_is_delivered_after_it(index: Index, tmp_path: Path) -> None:
+    uid = store(index, tmp_path / "s", "stale", count=1)
+    gate = threading.Event()
+    slow = FakeSink("fhir:slow", FhirVersion.R4, gate=gate)
+    pub = publisher(index, tmp_path, [slow])
+    pub.start()
+    pub.submit([uid])
+    assert slow.entered.wait(10)
+    store(index, tmp_path / "s2", "stale", count=3)  # more instances of the same study (same seed, same UIDs+)
+    pub.submit([uid])  # a newer revision while the first is on the wire
+    gate.set()
+    assert pub.wait_idle(20)
+    assert [p.resource["numberOfInstances"] for p in slow.published] == [1, 3]
+    pub.stop()
+
+
+def test_a_restart_resumes_pending_deliveries(index: Index, tmp_path: Path) -> None:
+    uid = store(index, tmp_path / "s", "restart")
+    down = FakeSink("fhir:x", FhirVersion.R4, errors=[DeliveryError("down", retryable=True)] * 1000)
+    first = publisher(index, tmp_path, [FakeSink("directory"), down])
+    first.start()
+    first.submit([uid])
+    wait_for(lambda: first.outbox.get("fhir:x", uid).attempts >= 2, what="failed attempts")  # type: ignore[union-attr]
+    first.stop()
+
+    up = FakeSink("fhir:x", FhirVersion.R4)
+    directory = FakeSink("directory")
+    second = publisher(index, tmp_path, [directory, up])
+    second.start()
+    second.resume(index.unpublished_studies())  # what Server.start does
+    assert second.wait_idle(20)
+    assert len(up.published) == 1
+    assert directory.published == []  # it had the study already: not sent twice
+    assert index.unpublished_studies() == []
+    second.stop()
+
+
+def test_publish_now_delivers_and_queues_what_failed(index: Index, tmp_path: Path) -> None:
+    uid = store(index, tmp_path / "s", "now")
+    ok, failing = FakeSink("directory"), FakeSink("fhir:x", FhirVersion.R4,
+                                                  errors=[DeliveryError("down", retryable=True)])
+    pub = publisher(index, tmp_path, [ok, failing])
+    outcome = pub.publish_now(uid)
+    assert not outcome.published and outcome.sinks == ("directory",)
+    assert pub.outbox.get("fhir:x", uid).state == PENDING  # type: ignore[union-attr]
+    assert pub.outbox.get("directory", uid).state == DELIVERED  # type: ignore[union-attr]
+    pub.start()  # the server's workers take it from there
+    assert pub.wait_idle(20)
+    assert len(failing.published) == 1 and index.unpublished_studies() == []
+    pub.stop()
+
+
+def test_a_sink_that_is_down_is_not_hammered_once_per_study(index: Index, tmp_path: Path) -> None:
+    uids = [store(index, tmp_path / f"s{n}", f"down-{n}", count=1) for n in range(5)]
+    down = FakeSink("fhir:down", FhirVersion.R4, errors=[DeliveryError("refused", retryable=True)] * 10_000)
+    pub = Publisher(index, [down], MappingOptions(), tmp_path / "rejected", backoff=Backoff(0.2, 0.4), fsync=False)
+    pub.start()
+    pub.submit(uids)
+    time.sleep(2.5)
+    assert all(pub.outbox.get("fhir:down", uid).state == PENDING for uid in uids)  # type: ignore[union-attr]
+    pub.stop()
+    tried = 10_000 - len(down.errors)
+    # Each new study is tried once, then the sink as a whole waits 0.1-0.4 s between attempts:
+    # at most 5 + 2.5/0.1 = 30, about 5 + 2.5/0.3 ≈ 13 (per study it would be 5 × 2.5/0.3 ≈ 40).
+    assert 5 <= tried <= 25
