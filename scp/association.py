@@ -34,6 +34,7 @@ from scp.ae_policy import AEPolicy
 from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected
 from scp.metrics import Metrics
 from scp.records import Provenance
+from scp.transport import EventDrivenRequestHandler
 
 log = logging.getLogger("scp.association")
 
@@ -83,6 +84,7 @@ class ListenerOptions:
     dimse_timeout: float | None = 60
     tls_port: int | None = None
     tls_context: ssl.SSLContext | None = None
+    event_driven: bool = True  # scp.transport's adaptation (applied only to the pynetdicom it was written for)
 
 
 class _Server(ThreadedAssociationServer):
@@ -172,8 +174,9 @@ class Listener:
             log.info("listening with TLS on %s:%d as %s", self.options.host, self.tls_port, self.options.aet)
 
     def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
+        extra = {"request_handler": EventDrivenRequestHandler} if self.options.event_driven else {}
         server = self._ae.make_server((self.options.host, port), evt_handlers=handlers, server_class=_Server,
-                                      ssl_context=context)
+                                      ssl_context=context, **extra)
         thread = threading.Thread(target=server.serve_forever, name=f"dicom-{server.server_address[1]}",
                                   daemon=True)
         self._servers.append(server)

@@ -145,6 +145,7 @@ def listener_options(settings: Settings) -> ListenerOptions:
         maximum_pdu_size=settings.max_pdu_size, maximum_associations=settings.max_associations,
         network_timeout=settings.network_timeout, acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout, tls_port=settings.tls_port, tls_context=tls_context,
+        event_driven=settings.event_driven_transport,
     )
 
 

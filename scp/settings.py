@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     acse_timeout: float = Field(30, gt=0, description="seconds to wait for association messages")
     dimse_timeout: float = Field(60, gt=0, description="seconds to wait for DIMSE messages")
     network_timeout: float = Field(60, gt=0, description="seconds without network activity before closing")
+    event_driven_transport: bool = Field(
+        True, description="event-driven waits instead of pynetdicom's 1 ms polling (scp/transport.py; applied only "
+        "to the pynetdicom version it was written for)")
     # AE title policy
     accept_any_called_aet: bool = Field(False, description="accept associations whatever AE title they call")
     calling_aets: list[CallingAESetting] = Field(
