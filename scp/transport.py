@@ -10,27 +10,37 @@ whatever the CPU does. Here both loops wait on events instead:
 - the DUL thread sleeps in ``select`` on its socket and on a wake-up pipe written whenever the association
   thread queues something to send.
 
-Both keep pynetdicom's own state machine, message decoding and service classes; only the waiting changes.
-Idle associations stay cheap (a wake-up every 50 ms to check timers). The adaptation applies only to the
+Both keep pynetdicom's own state machine and service classes. On top, the two messages every instance
+costs are handled without pydicom (see :class:`_FastStoreDimse`): a C-STORE-RQ's command set is read and its
+dataset streamed into the chunked-receive temp file directly (file meta written from precomputed bytes), and
+the C-STORE-RSP is encoded directly. Every other message, and anything unexpected, takes pynetdicom's own
+path. Idle associations stay cheap (a wake-up every 50 ms to check timers). The adaptation applies only to the
 pynetdicom versions in :data:`ADAPTED_FOR`; any other version runs stock pynetdicom (and the tests in
 ``tests/test_transport.py`` fail loudly, so the pin is revisited rather than silently ignored).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import queue
 import select
 import ssl
+import struct
+import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import pynetdicom
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 log = logging.getLogger("scp.transport")
@@ -204,6 +214,181 @@ class _EventDrivenAssociation(Association):
         return False
 
 
+# -- C-STORE without pydicom ---------------------------------------------------------------------------
+
+_ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+_US = struct.Struct("<H")
+_C_STORE_RQ, _C_STORE_RSP, _NO_DATASET = 0x0001, 0x8001, 0x0101
+
+
+def parse_command(data: bytes | bytearray) -> dict[int, bytes] | None:
+    """A command set's elements (element number → raw value), or None when it is not plain group 0000."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(data)
+    while offset < end:
+        if offset + 8 > end:
+            return None
+        group, element, length = _ELEMENT.unpack_from(data, offset)
+        offset += 8
+        if group != 0x0000 or length == 0xFFFFFFFF or offset + length > end:
+            return None
+        elements[element] = bytes(data[offset:offset + length])
+        offset += length
+    return elements
+
+
+def _text(raw: bytes | None) -> str | None:
+    return raw.decode("ascii", "replace").rstrip("\x00 ") if raw is not None else None
+
+
+def _unsigned(raw: bytes | None) -> int | None:
+    return _US.unpack(raw)[0] if raw is not None and len(raw) == 2 else None
+
+
+def _explicit(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (file meta)."""
+    if vr in (b"OB", b"UN", b"SQ", b"UT", b"UR"):
+        return struct.pack("<HH2sHI", tag[0], tag[1], vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag[0], tag[1], vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, prefix and file meta group of a Part-10 file, as pynetdicom's chunked receive writes them."""
+    body = b"".join((
+        _explicit((0x0002, 0x0001), b"OB", b"\x00\x01"),
+        _explicit((0x0002, 0x0002), b"UI", _even(sop_class, b"\x00")),
+        _explicit((0x0002, 0x0003), b"UI", _even(sop_instance, b"\x00")),
+        _explicit((0x0002, 0x0010), b"UI", _even(transfer_syntax, b"\x00")),
+        _explicit((0x0002, 0x0012), b"UI", _even(str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID), b"\x00")),
+        _explicit((0x0002, 0x0013), b"SH", _even(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return b"\x00" * 128 + b"DICM" + _explicit((0x0002, 0x0000), b"UL", struct.pack("<I", len(body))) + body
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, element, len(value)) + value
+
+
+def store_response(primitive: C_STORE) -> bytes | None:
+    """The command set of a C-STORE-RSP, or None when it carries something only pynetdicom encodes."""
+    if primitive.OffendingElement is not None:
+        return None
+    parts = []
+    if primitive.AffectedSOPClassUID:
+        parts.append(_implicit(0x0002, _even(str(primitive.AffectedSOPClassUID), b"\x00")))
+    parts.append(_implicit(0x0100, _US.pack(_C_STORE_RSP)))
+    parts.append(_implicit(0x0120, _US.pack(int(primitive.MessageIDBeingRespondedTo))))
+    parts.append(_implicit(0x0800, _US.pack(_NO_DATASET)))
+    parts.append(_implicit(0x0900, _US.pack(int(primitive.Status))))
+    if primitive.ErrorComment:
+        parts.append(_implicit(0x0902, _even(str(primitive.ErrorComment), b" ")))
+    if primitive.AffectedSOPInstanceUID:
+        parts.append(_implicit(0x1000, _even(str(primitive.AffectedSOPInstanceUID), b"\x00")))
+    body = b"".join(parts)
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+class _IncomingStore:
+    """A C-STORE-RQ whose dataset is being streamed into a temp file (the chunked-receive file)."""
+
+    def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax: str) -> None:
+        self.context_id = context_id
+        self.command = command
+        fd, name = tempfile.mkstemp(suffix=".dcm")
+        os.close(fd)
+        self.path = Path(name)
+        self.file: BinaryIO = open(name, "wb", buffering=1 << 20)  # noqa: SIM115 (closed by pynetdicom's SCP)
+        self.file.write(file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "",
+                                  transfer_syntax))
+
+    def primitive(self) -> C_STORE:
+        """The C-STORE request as pynetdicom's service class expects it (dataset in ``_dataset_path``)."""
+        self.file.flush()
+        request = C_STORE()
+        request.MessageID = _unsigned(self.command.get(0x0110))
+        request.AffectedSOPClassUID = _text(self.command.get(0x0002))
+        request.AffectedSOPInstanceUID = _text(self.command.get(0x1000))
+        request.Priority = _unsigned(self.command.get(0x0700)) or 0
+        originator = _text(self.command.get(0x1030))
+        if originator:
+            request.MoveOriginatorApplicationEntityTitle = originator
+        originator_id = _unsigned(self.command.get(0x1031))
+        if originator_id is not None:
+            request.MoveOriginatorMessageID = originator_id
+        request.DataSet = io.BytesIO()  # empty, as in pynetdicom's chunked receive: the data is in the file
+        request._context_id = self.context_id
+        request._dataset_path = self.path
+        request._dataset_file = self.file  # type: ignore[assignment]
+        return request
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class _FastStoreDimse(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider with C-STORE request/response handled without pydicom."""
+
+    _command: bytearray
+    _store: _IncomingStore | None
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        for context_id, data in primitive.presentation_data_value_list:
+            self._receive_fragment(int(context_id), data)
+
+    def _receive_fragment(self, context_id: int, data: bytes) -> None:
+        control = data[0]
+        if self.message is not None:  # a message on pynetdicom's own path
+            self._stock(context_id, data)
+        elif self._store is not None:  # our C-STORE's dataset
+            if control & 1:
+                self._store.discard()
+                self._store = None
+                self.dul.event_queue.put("Evt19")  # a command where data must follow: protocol error
+                return
+            self._store.file.write(memoryview(data)[1:])
+            if control & 2:
+                store, self._store = self._store, None
+                self.msg_queue.put((store.context_id, store.primitive()))
+        elif control & 1:
+            self._command += memoryview(data)[1:]
+            if control & 2:
+                command, self._command = self._command, bytearray()
+                self._command_complete(context_id, command)
+        else:
+            self._stock(context_id, data)  # data without a command: let pynetdicom report it
+
+    def _command_complete(self, context_id: int, command: bytearray) -> None:
+        elements = parse_command(command)
+        context = self.assoc._accepted_cx.get(context_id)
+        if (elements is None or context is None or _unsigned(elements.get(0x0100)) != _C_STORE_RQ
+                or _unsigned(elements.get(0x0800)) == _NO_DATASET):
+            self._stock(context_id, b"\x03" + bytes(command))
+            return
+        self._store = _IncomingStore(context_id, elements, str(context.transfer_syntax[0]))
+
+    def _stock(self, context_id: int, data: bytes) -> None:
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[context_id, data]]
+        super().receive_primitive(pdata)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+            command = store_response(primitive)
+            limit = self.maximum_pdu_size
+            if command is not None and (not limit or len(command) + 7 <= limit):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
+
+
 def _make_event_driven(assoc: Association) -> Association:
     """Turn a freshly created (not yet started) acceptor into the event-driven variant."""
     wake = threading.Event()
@@ -217,6 +402,9 @@ def _make_event_driven(assoc: Association) -> Association:
     assoc._wake_event = wake  # type: ignore[attr-defined]
     assoc.dul = dul
     assoc.dimse.msg_queue = _NotifyingQueue(wake.set)
+    assoc.dimse.__class__ = _FastStoreDimse
+    assoc.dimse._command = bytearray()  # type: ignore[attr-defined]
+    assoc.dimse._store = None  # type: ignore[attr-defined]
     return assoc
 
 

@@ -65,3 +65,76 @@ def test_the_stock_transport_still_works(scp_factory, tmp_path: Path) -> None:  
     assert [store(assoc, p) for p in study.files] == [0, 0, 0]
     assoc.release()
     server.wait_for_study(study.study_uid, instances=3)
+
+
+def pynetdicom_store_response(**fields: object) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    primitive = C_STORE()
+    for name, value in fields.items():
+        setattr(primitive, name, value)
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    (pdata,) = list(message.encode_msg(1, 0))
+    ((_, fragment),) = pdata.presentation_data_value_list
+    assert fragment[0] == 0x03  # one command fragment, the last
+    return bytes(fragment[1:])
+
+
+def test_store_response_bytes_equal_pynetdicom_encoding() -> None:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    cases = [
+        dict(MessageIDBeingRespondedTo=7, Status=0x0000, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+             AffectedSOPInstanceUID="1.2.3.4.5"),
+        dict(MessageIDBeingRespondedTo=65535, Status=0xC000, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.4",
+             AffectedSOPInstanceUID="1.2.3.44", ErrorComment="Study Instance UID is missing"),
+        dict(MessageIDBeingRespondedTo=1, Status=0xA700, AffectedSOPClassUID="1.2.3",
+             AffectedSOPInstanceUID="1.2.3.4", ErrorComment="odd"),
+    ]
+    for fields in cases:
+        primitive = C_STORE()
+        for name, value in fields.items():
+            setattr(primitive, name, value)
+        assert transport.store_response(primitive) == pynetdicom_store_response(**fields), fields
+
+
+def test_file_meta_bytes_equal_pynetdicom_chunked_receive() -> None:
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    for sop_class, sop, ts in (("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),
+                               ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.44", "1.2.840.10008.1.2")):
+        expected = BytesIO()
+        expected.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(expected, create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop,
+                                                        transfer_syntax=ts))
+        assert transport.file_meta(sop_class, sop, ts) == expected.getvalue()
+
+
+def test_parse_command_reads_a_pynetdicom_c_store_request() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    primitive = C_STORE()
+    primitive.MessageID = 12
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.3.4.5.6"
+    primitive.Priority = 2
+    primitive.MoveOriginatorApplicationEntityTitle = "MOVER"
+    primitive.MoveOriginatorMessageID = 3
+    primitive.DataSet = __import__("io").BytesIO(b"\x08\x00\x18\x00\x00\x00\x00\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    fragments = [f for p in message.encode_msg(1, 0) for _, f in p.presentation_data_value_list]
+    command = b"".join(bytes(f[1:]) for f in fragments if f[0] & 1)
+    elements = transport.parse_command(command)
+    assert elements is not None
+    assert transport._unsigned(elements[0x0100]) == 0x0001
+    assert transport._unsigned(elements[0x0110]) == 12
+    assert transport._text(elements[0x1000]) == "1.2.3.4.5.6"
+    assert transport._text(elements[0x1030]) == "MOVER"
+    assert transport.parse_command(command[:-3]) is None  # truncated: not ours to guess
