@@ -11,6 +11,7 @@ from scp import logs
 from scp.admin_http import AdminServer
 from scp.ae_policy import AEPolicy, CallingAE
 from scp.association import AssociationReport, Listener, ListenerOptions
+from scp.fhir_version import FhirVersion
 from scp.index import INDEX_FILE, Index
 from scp.ingest import Ingest
 from scp.mapping.imaging_study import MappingOptions
@@ -24,6 +25,7 @@ from scp.sinks.directory import DirectorySink
 from scp.sinks.fhir_server import fhir_sinks
 from scp.store import Store
 from scp.tls import server_context
+from scp.validation import prepare
 
 log = logging.getLogger("scp.server")
 
@@ -58,6 +60,9 @@ class Server:
         if removed:
             log.info("removed %d temp files left by an earlier stop", removed)
         changed = reconcile(self.store, self.index)
+        versions = {self.settings.directory_fhir_version(), self.settings.fhir_version} - {None}
+        threading.Thread(target=_prepare_validation, args=(versions,), name="prepare-validation",
+                         daemon=True).start()
         self.publisher.start()
         backlog = sorted(set(changed) | set(self.index.unpublished_studies()))
         if backlog:
@@ -125,6 +130,13 @@ class Server:
         if report.studies:
             self.publisher.submit(report.studies, ended_at=report.ended)
 
+
+
+def _prepare_validation(versions: set[FhirVersion | None]) -> None:
+    """Compile validators in the background: the first study after start is published without the wait."""
+    for version in versions:
+        if version is not None:
+            prepare(version)
 
 
 def listener_options(settings: Settings) -> ListenerOptions:

@@ -121,6 +121,14 @@ def check_imaging_study(resource: dict[str, Any], version: FhirVersion) -> None:
         raise InvalidImagingStudy(problems, version)
 
 
+def prepare(version: FhirVersion) -> None:
+    """Compile the schema check and import the model of ``version`` now (about a second), so that the
+    first publication after start does not pay for it. Safe to call from any thread, more than once."""
+    _fast_schema_check(version)
+    if version is not FhirVersion.R6:
+        _model_class(version)
+
+
 def imaging_study_problems(resource: dict[str, Any], version: FhirVersion) -> list[str]:
     """All problems of ``resource`` as an ImagingStudy of ``version``; empty when it is valid.
 
