@@ -31,7 +31,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.ae_policy import AEPolicy
-from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected
+from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected, receive_failure_status
 from scp.metrics import Metrics
 from scp.records import Provenance
 from scp.transport import EventDrivenRequestHandler
@@ -243,6 +243,10 @@ class Listener:
             calling_aet=report.calling_aet, called_aet=report.called_aet, peer=report.peer,
             association_id=report.association_id, received_at=time.time(),
         )
+        receive_error = getattr(request, "_receive_error", None)  # set by scp.transport (e.g. disk full)
+        if receive_error is not None:
+            return self._failure(report, receive_failure_status(receive_error),
+                                 f"cannot receive: {receive_error.strerror or receive_error}", request)
         try:
             accepted = self._ingest.accept(
                 event.dataset_path,

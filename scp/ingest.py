@@ -36,13 +36,34 @@ _SQLITE_FULL = 13  # primary result code: "database or disk is full"
 DuplicatePolicy = Literal["replace", "keep-first", "reject"]
 
 
+def receive_failure_status(error: OSError) -> int:
+    """The DIMSE status for an I/O error while receiving or storing: 0xA700 when resources ran out."""
+    return OUT_OF_RESOURCES if error.errno in _RESOURCE_ERRNOS else PROCESSING_FAILURE
+
+
 class Rejected(Exception):
-    """The instance was not stored; ``status`` and ``comment`` go back to the sender."""
+    """The instance was not stored; ``status`` and ``comment`` go back to the sender.
+
+    Reasons quote received values, which can hold any byte, and the comment becomes the response's
+    Error Comment (LO in a command set: default repertoire, no backslash). One that cannot be encoded
+    makes pynetdicom abort the association instead of answering, so ``comment`` is kept to printable
+    ASCII without backslashes (anything else becomes ``?``; also keeps control characters out of logs).
+    """
 
     def __init__(self, status: int, comment: str) -> None:
+        comment = _printable(comment)
         super().__init__(comment)
         self.status = status
         self.comment = comment
+
+
+def error_comment(text: str) -> str:
+    """``text`` as a valid DIMSE Error Comment: printable ASCII without backslash, at most 64 characters."""
+    return _printable(text)[:64]
+
+
+def _printable(text: str) -> str:
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in text)
 
 
 @dataclass(frozen=True, slots=True)

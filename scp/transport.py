@@ -299,16 +299,42 @@ class _IncomingStore:
     def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax: str) -> None:
         self.context_id = context_id
         self.command = command
+        self.error: OSError | None = None  # a failed write (e.g. ENOSPC): the data is dropped, not the link
         fd, name = tempfile.mkstemp(suffix=".dcm")
         os.close(fd)
         self.path = Path(name)
         self.file: BinaryIO = open(name, "wb", buffering=1 << 20)  # noqa: SIM115 (closed by pynetdicom's SCP)
-        self.file.write(file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "",
-                                  transfer_syntax))
+        self.write(file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "",
+                             transfer_syntax))
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append received bytes; after a failed write the rest of the dataset is read and dropped, so the
+        association lives on and the C-STORE can be answered with a failure status."""
+        if self.error is not None:
+            return
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
 
     def primitive(self) -> C_STORE:
-        """The C-STORE request as pynetdicom's service class expects it (dataset in ``_dataset_path``)."""
-        self.file.flush()
+        """The C-STORE request as pynetdicom's service class expects it (dataset in ``_dataset_path``).
+
+        After a failed write, ``_receive_error`` carries the error for the handler to answer with.
+        """
+        if self.error is None:
+            try:
+                self.file.flush()
+            except OSError as exc:
+                self._fail(exc)
         request = C_STORE()
         request.MessageID = _unsigned(self.command.get(0x0110))
         request.AffectedSOPClassUID = _text(self.command.get(0x0002))
@@ -324,6 +350,7 @@ class _IncomingStore:
         request._context_id = self.context_id
         request._dataset_path = self.path
         request._dataset_file = self.file  # type: ignore[assignment]
+        request._receive_error = self.error  # type: ignore[attr-defined]
         return request
 
     def discard(self) -> None:
@@ -351,7 +378,7 @@ class _FastStoreDimse(DIMSEServiceProvider):
                 self._store = None
                 self.dul.event_queue.put("Evt19")  # a command where data must follow: protocol error
                 return
-            self._store.file.write(memoryview(data)[1:])
+            self._store.write(memoryview(data)[1:])
             if control & 2:
                 store, self._store = self._store, None
                 self.msg_queue.put((store.context_id, store.primitive()))
