@@ -124,9 +124,10 @@ def _encodings(ds: Dataset) -> list[str]:
 
 
 def _text_of(ds: Dataset, tag: int) -> str | None:
+    """A UID's text; a multi-valued one (a backslash in a UI value) stays whole and fails check_uid."""
     value = _plain_value(ds, tag, ["iso8859"])
-    if isinstance(value, list):
-        return str(value[0]) if value else None
+    if isinstance(value, list):  # several values: kept joined, so that check_uid refuses them
+        return "\\".join(str(v) for v in value) if value else None
     return value
 
 
@@ -309,8 +310,8 @@ def _fast_text(elements: dict[int, Any], tag: int) -> str | None:
     if elem is None:
         return None
     value = _fast_plain(elem, tag, _ISO8859, None)
-    if isinstance(value, list):
-        return str(value[0]) if value else None
+    if isinstance(value, list):  # several values: kept joined, so that check_uid refuses them
+        return "\\".join(str(v) for v in value) if value else None
     return value
 
 

@@ -127,7 +127,8 @@ class Index:
                                  "(?,?,?,?,?,?,?,?,?,?,?,?,?)", _row(stored))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._cache.pop(stored.header.study_uid, None)
             if previous is not None:
@@ -147,7 +148,8 @@ class Index:
                     count += 1
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._cache.clear()
         return count
@@ -165,7 +167,8 @@ class Index:
                         self._db.execute("DELETE FROM instances WHERE path = ?", (path,))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             for study in studies:
                 self._cache.pop(study, None)

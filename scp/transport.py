@@ -94,6 +94,10 @@ class _EventDrivenDUL(DULServiceProvider):
         try:
             self._loop()
         finally:
+            store = getattr(self.assoc.dimse, "_store", None)
+            if store is not None:  # the association ended mid-dataset: no partial file stays in tmp/
+                store.discard()
+                self.assoc.dimse._store = None
             self._wake_association()  # the association reactor checks `dul.is_alive()`
             for fd in (self._wake_r, self._wake_w):
                 try:
@@ -124,7 +128,12 @@ class _EventDrivenDUL(DULServiceProvider):
             except queue.Empty:
                 self._wait_for_work()
                 continue
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception:
+                log.exception("DUL state machine failed on %s; aborting the association", event)
+                self._abort_hard()
+                return
 
     def _wait_for_work(self) -> None:
         """Block until the peer sends, the association queues a primitive, or a timer may have run out."""
@@ -148,7 +157,8 @@ class _EventDrivenDUL(DULServiceProvider):
                 pass
 
     def _abort_hard(self) -> None:
-        """Send an A-ABORT past the state machine and stop both reactors (as pynetdicom does on a fault)."""
+        """Send an A-ABORT past the state machine and stop; the association thread then reports an abort
+        (EVT_ABORTED), so what the association stored before is published."""
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x00
@@ -156,10 +166,7 @@ class _EventDrivenDUL(DULServiceProvider):
             self.socket.send(abort.encode())  # type: ignore[union-attr]
         except Exception:
             pass
-        self.assoc.is_aborted = True
-        self.assoc.is_established = False
-        self.assoc._kill = True
-        self._kill_thread = True
+        self._kill_thread = True  # the association reactor sees the DUL end and reports the abort
 
 
 class _EventDrivenAssociation(Association):
@@ -201,6 +208,10 @@ class _EventDrivenAssociation(Association):
             self.kill()
             return True
         if not self.dul.is_alive():
+            if self.is_established:  # the DUL died under us: report it as the abort it is
+                self.is_aborted = True
+                self.is_established = False
+                pynetdicom.evt.trigger(self, pynetdicom.evt.EVT_ABORTED, {})
             self.kill()
             return True
         if self.dul.idle_timer_expired():
@@ -381,7 +392,14 @@ class _FastStoreDimse(DIMSEServiceProvider):
             self._store.write(memoryview(data)[1:])
             if control & 2:
                 store, self._store = self._store, None
-                self.msg_queue.put((store.context_id, store.primitive()))
+                try:
+                    request = store.primitive()
+                except Exception as exc:  # e.g. an Affected SOP Instance UID pynetdicom refuses (> 64 chars)
+                    log.warning("invalid C-STORE request (%s): aborting the association", exc)
+                    store.discard()
+                    self.dul.event_queue.put("Evt19")  # unrecognised PDU parameter: A-ABORT
+                    return
+                self.msg_queue.put((store.context_id, request))
         elif control & 1:
             self._command += memoryview(data)[1:]
             if control & 2:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-# PS3.5 9.1: non-empty components of digits separated by dots, at most 64
-# characters. Anything else (including "..", "/", spaces) could be used to
-# escape the store, so it is refused outright. Leading zeros in a component are
-# non-conformant but common in the field and harmless for paths: accepted.
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# PS3.5 9.1: an ISO OID of at least two components, digits only, no leading zero in a component, at most
+# 64 characters. Anything else (including "..", "/", spaces, a backslash) could be used to escape the store,
+# and a UID FHIR cannot carry as `urn:oid:` (e.g. with a leading zero) would make a study that can never be
+# published: both are refused before any path is formed.
+_UID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 MAX_UID_LENGTH = 64
 
 
@@ -30,7 +30,7 @@ def check_uid(value: object, what: str) -> str:
     if len(text) > MAX_UID_LENGTH:
         raise InvalidUID(f"{what} is {len(text)} characters long (at most {MAX_UID_LENGTH})")
     if not _UID.fullmatch(text):
-        raise InvalidUID(f"{what} {text[:80]!r} is not a valid UID (digits and dots only)")
+        raise InvalidUID(f"{what} {text[:80]!r} is not a valid UID (digits and dots, no leading zeros)")
     return text
 
 

@@ -64,6 +64,7 @@ LATERALITY = {
     "B": {"system": SNOMED, "code": "51440002", "display": "Right and left"},
 }
 
+_CODE_STRING = re.compile(r"[A-Z0-9_]+( [A-Z0-9_]+)*")  # PS3.5 CS: upper case, digits, space, underscore
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 _URI = re.compile(r"(urn:|https?://)\S+", re.IGNORECASE)
 
@@ -73,10 +74,14 @@ def modality(code: str | None) -> dict[str, Any]:
 
     Modality is required in FHIR (1..1) and in DICOM (Type 1); when a dataset
     lacks it, the element says so with a data-absent-reason instead of a
-    made-up code.
+    made-up code. A value that is not a DICOM Code String (lower case, control
+    characters, escape sequences) is kept as text only: no code is made of it.
     """
     if not code:
         return {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "unknown"}]}
+    code = code.strip()
+    if not _CODE_STRING.fullmatch(code):  # not a DICOM Code String: no code is made of it, the text is kept
+        return {"text": code} if code else {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "unknown"}]}
     coding = {"system": DCM, "code": code}
     if code in MODALITY_MEANINGS:
         coding["display"] = MODALITY_MEANINGS[code]
