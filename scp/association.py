@@ -281,7 +281,8 @@ class Listener:
         self._end(event.assoc, "aborted")
 
     def _on_closed(self, event: evt.Event) -> None:
-        self._end(event.assoc, "closed")
+        assoc = event.assoc
+        self._end(assoc, "released" if assoc.is_released else "aborted" if assoc.is_aborted else "closed")
 
     def _end(self, assoc: Any, how: str) -> None:
         """Report an association exactly once, however it ended."""

@@ -106,17 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     _common(studies)
     studies.set_defaults(run=_studies)
 
-    show = sub.add_parser("show", help="print a study's ImagingStudy as it would be published")
-    _common(show)
-    show.add_argument("study_uid", metavar="STUDY_UID")
-    show.add_argument("--fhir-version", help="R6 (default), R5 or R4")
-    show.set_defaults(run=_show)
-
-    publish = sub.add_parser("publish", help="publish a study again, now")
-    _common(publish)
-    publish.add_argument("study_uid", metavar="STUDY_UID")
-    publish.add_argument("--fhir-version", help="R6 (default), R5 or R4")
-    publish.set_defaults(run=_publish)
+    for name, help_text, run in (("show", "print a study's ImagingStudy as it would be published", _show),
+                                 ("publish", "publish a study again, now", _publish)):
+        command = sub.add_parser(name, help=help_text)
+        _common(command)
+        command.add_argument("study_uid", metavar="STUDY_UID")
+        command.add_argument("--fhir-version", help="R6 (default), R5 or R4")
+        command.set_defaults(run=run)
 
     config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     _common(config)

@@ -191,27 +191,29 @@ class _EventDrivenAssociation(Association):
             if self._finished():
                 return
 
+    def _end_with(self, event: Any) -> None:
+        self.is_released = event is pynetdicom.evt.EVT_RELEASED
+        self.is_aborted = not self.is_released
+        self.is_established = False
+        pynetdicom.evt.trigger(self, event, {})
+
     def _finished(self) -> bool:
         """Release, abort, a dead DUL or the network timeout end the reactor (pynetdicom's own checks)."""
         if self.is_established and self.acse.is_release_requested():
+            # Report the release before answering it: the peer closes the connection on the answer, and
+            # the connection-closed event (DUL thread) must not overtake the release.
+            self._end_with(pynetdicom.evt.EVT_RELEASED)
             self.acse.send_release(is_response=True)
-            self.is_released = True
-            self.is_established = False
-            pynetdicom.evt.trigger(self, pynetdicom.evt.EVT_RELEASED, {})
             self.kill()
             return True
         if self.acse.is_aborted():
             self.dul.receive_pdu(wait=False)
-            self.is_aborted = True
-            self.is_established = False
-            pynetdicom.evt.trigger(self, pynetdicom.evt.EVT_ABORTED, {})
+            self._end_with(pynetdicom.evt.EVT_ABORTED)
             self.kill()
             return True
         if not self.dul.is_alive():
             if self.is_established:  # the DUL died under us: report it as the abort it is
-                self.is_aborted = True
-                self.is_established = False
-                pynetdicom.evt.trigger(self, pynetdicom.evt.EVT_ABORTED, {})
+                self._end_with(pynetdicom.evt.EVT_ABORTED)
             self.kill()
             return True
         if self.dul.idle_timer_expired():

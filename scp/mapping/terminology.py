@@ -109,28 +109,32 @@ def system_for_entity(entity_id: str | None, entity_type: str | None) -> str | N
 
 def issuer_from_sequence(items: Any) -> dict[str, Any]:
     """Identifier.system/assigner from an HL7v2 Hierarchic Designator sequence (e.g. (0008,0051))."""
-    item = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
-    system = system_for_entity(_text(item.get("UniversalEntityID")), _text(item.get("UniversalEntityIDType")))
-    local = _text(item.get("LocalNamespaceEntityID"))
-    result: dict[str, Any] = {}
-    if system:
-        result["system"] = system
-    if local:
-        result["assigner"] = {"display": local}
-    return result
+    item = _first_item(items)
+    return _issuer(_entity_system(item), _text(item.get("LocalNamespaceEntityID")))
 
 
 def issuer_of_patient_id(issuer: str | None, qualifiers: Any) -> dict[str, Any]:
     """Identifier.system/assigner for a Patient ID: the qualifiers' universal ID, else the issuer text."""
-    item = qualifiers[0] if isinstance(qualifiers, list) and qualifiers and isinstance(qualifiers[0], dict) else {}
-    system = system_for_entity(_text(item.get("UniversalEntityID")), _text(item.get("UniversalEntityIDType")))
+    system = _entity_system(_first_item(qualifiers))
     if system is None and issuer:
         system = system_for_entity(issuer, None)
+    return _issuer(system, issuer)
+
+
+def _first_item(items: Any) -> dict[str, Any]:
+    return items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+
+
+def _entity_system(item: dict[str, Any]) -> str | None:
+    return system_for_entity(_text(item.get("UniversalEntityID")), _text(item.get("UniversalEntityIDType")))
+
+
+def _issuer(system: str | None, assigner: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if system:
         result["system"] = system
-    if issuer:
-        result["assigner"] = {"display": issuer}
+    if assigner:
+        result["assigner"] = {"display": assigner}
     return result
 
 
