@@ -1,6 +1,6 @@
 """Run the ``imagingstudy-scp`` command line under cProfile, on every thread; used by ``bench.py --profile``.
 
-    python bench/profile_ours.py OUT.prof serve --host ... (the usual imagingstudy-scp arguments)
+    python scripts/benchmark/profile_ours.py OUT.prof serve --host ... (the usual imagingstudy-scp arguments)
 
 The entry point is found through the installed package's console script (the server is not imported by
 name), every thread started afterwards gets its own profiler (``threading.setprofile``), and when the command

@@ -2,7 +2,7 @@
 
     scripts/bench [--quick] [--sets ct,tiny,multi,big] [--rounds N] [--assoc 1,4] [--json out.json]
 
-For every data set (see ``bench/datasets.py``) and association mode, the two receivers take turns, DCMTK
+For every data set (see ``scripts/benchmark/datasets.py``) and association mode, the two receivers take turns, DCMTK
 first (A B A B ...), for ``--rounds`` rounds. Each run starts the receiver afresh on an empty directory under
 ``.bench/run/``, sends the whole set with DCMTK ``storescu`` (one process per association, ``TCP_NODELAY=1``
 for DCMTK sender and receiver), and measures:
@@ -51,14 +51,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: python bench/bench.py
+if __package__ in (None, ""):  # run as a script: python scripts/benchmark/bench.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.datasets import (QUICK_SETS, SETS, WARMUP, DataSet, Part10Error, dataset_digest,  # noqa: E402
+from benchmark.datasets import (QUICK_SETS, SETS, WARMUP, DataSet, Part10Error, dataset_digest,  # noqa: E402
                             load_or_generate, stored_sop_uid)
-from bench.procs import BenchError, Dcmtk, Ours, Receiver, send, system_cpu  # noqa: E402
+from benchmark.procs import BenchError, Dcmtk, Ours, Receiver, send, system_cpu  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (scripts/benchmark/bench.py)
 BENCH_DIR = ROOT / ".bench"
 DEFAULT_ASSOC = {"ct": [1], "tiny": [1], "multi": [4], "big": [1]}
 MB = 1e6

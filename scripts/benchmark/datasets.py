@@ -391,11 +391,11 @@ def load_or_generate(spec: SetSpec, data_root: Path, log=print) -> DataSet:
     return DataSet(spec, root, instances)
 
 
-if __name__ == "__main__":  # python bench/datasets.py [--quick] [set ...]: generate (or check) sets
+if __name__ == "__main__":  # python scripts/benchmark/datasets.py [--quick] [set ...]: generate (or check) sets
     quick = "--quick" in sys.argv
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or ["ct", "tiny", "multi"]
     table = QUICK_SETS if quick else SETS
-    base = Path(__file__).resolve().parent.parent / ".bench" / "data"
+    base = Path(__file__).resolve().parents[2] / ".bench" / "data"
     for set_name in names:
         data = load_or_generate(table[set_name], base)
         print(f"{data.spec.name}: {len(data.instances)} instances, {data.total_bytes / 1e6:.1f} MB, "

@@ -316,7 +316,7 @@ class Ours(Receiver):
 
     def command(self, parallel: int) -> list[str]:
         prefix = [str(self.executable)]
-        if self.profile is not None:  # the same entry point, run under cProfile by bench/profile_ours.py
+        if self.profile is not None:  # the same entry point, run under cProfile by scripts/benchmark/profile_ours.py
             prefix = [str(self.executable.parent / "python"), str(Path(__file__).with_name("profile_ours.py")),
                       str(self.profile)]
         return [*prefix, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--aet", AET,
