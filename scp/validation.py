@@ -31,10 +31,17 @@ values: the mapper builds lists, and orjson would write a tuple as an array anyw
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import marshal
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
+from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import fastjsonschema
@@ -430,14 +437,16 @@ def _schema_validator(version: FhirVersion) -> Draft6Validator:
 def _fast_schema_check(version: FhirVersion) -> Callable[[Any], bool] | None:
     """Whether a resource satisfies ``version``'s schema, by fastjsonschema; compiled on first use.
 
-    Compiling takes a few tenths of a second per release, once per process. Options:
+    The generated code's bytecode comes from a cache (:func:`_validator_code`). Options:
     ``use_default=False`` (never write schema defaults into the resource), ``use_formats=False``
     (like the Draft6Validator, which has no format checker). ``detailed_exceptions`` stays on:
     fastjsonschema 2.22 cannot compile ``const`` without it, and it costs only on failure.
     None if the schema does not compile; jsonschema then does all the work, only slower.
     """
     try:
-        validate = fastjsonschema.compile(_schema(version), use_default=False, use_formats=False)
+        namespace: dict[str, Any] = {}
+        exec(_validator_code(version), namespace)  # noqa: S102 (code generated from our vendored schema)
+        validate = namespace["validate"]
     except Exception:  # a bad pattern (re.error), a definition or a generator fault: not fatal
         log.warning("FHIR %s schema: no fast path, jsonschema alone validates", version, exc_info=True)
         return None
@@ -450,6 +459,50 @@ def _fast_schema_check(version: FhirVersion) -> Callable[[Any], bool] | None:
         return True
 
     return check
+
+
+_COMPILE_CHILD = (
+    "import marshal, os, sys\n"
+    "code = compile(sys.stdin.buffer.read().decode(), '<imagingstudy-validator>', 'exec')\n"
+    "target = sys.argv[1]; temp = f'{target}.{os.getpid()}.tmp'\n"
+    "open(temp, 'wb').write(marshal.dumps(code)); os.replace(temp, target)\n"
+)
+
+
+def _validator_code(version: FhirVersion) -> CodeType:
+    """The bytecode of fastjsonschema's generated validator for ``version``, from a cache when possible.
+
+    fastjsonschema generates about 1.7 MB of Python for the ImagingStudy schema; compiling that keeps
+    about 90 MiB of a process's peak memory for good, while loading the compiled bytecode costs about
+    3 MiB. So the bytecode is compiled once, in a short-lived child process, into the user's cache
+    directory (keyed by the generated source and the Python version), and loaded from there; when the
+    cache cannot be written the code is compiled here, as before.
+    """
+    source = fastjsonschema.compile_to_code(_schema(version), use_default=False, use_formats=False)
+    key = hashlib.sha256(f"{sys.version}\0{source}".encode()).hexdigest()[:20]
+    cache = _cache_dir() / f"ImagingStudy.{version.value}.{key}.marshal"
+    for attempt in range(2):
+        try:
+            return marshal.loads(cache.read_bytes())  # type: ignore[no-any-return]
+        except (OSError, ValueError, EOFError, TypeError):
+            if attempt == 0 and not _compile_in_child(source, cache):
+                break
+    return compile(source, "<imagingstudy-validator>", "exec")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imagingstudy-scp"
+
+
+def _compile_in_child(source: str, target: Path) -> bool:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", _COMPILE_CHILD, str(target)], input=source.encode(),
+                       check=True, capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -556,7 +556,7 @@ def test_schema_problems_without_the_fast_check(monkeypatch: pytest.MonkeyPatch)
     study = changed(R6, lambda s: s["series"][0]["instance"][0].update(sopClass=CT_IMAGE_STORAGE))
     expected = imaging_study_problems(study, R6)
     with monkeypatch.context() as patch:
-        patch.setattr(validation.fastjsonschema, "compile", refuse)
+        patch.setattr(validation.fastjsonschema, "compile_to_code", refuse)
         assert validation._fast_schema_check.__wrapped__(R6) is None  # bypasses the cache
     monkeypatch.setattr(validation, "_fast_schema_check", lambda version: None)
     assert imaging_study_problems(study, R6) == expected
