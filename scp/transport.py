@@ -74,17 +74,22 @@ class _EventDrivenDUL(DULServiceProvider):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Once closed, the pipe's fd numbers can be reused by any file or socket of the process: a late
+        # wake-up must never write there, so writes and the close are serialised.
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
         self._wake_association = wake_association
         self.to_provider_queue = _NotifyingQueue(self._wake)
         self.to_user_queue = _NotifyingQueue(wake_association)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the reactor is awake anyway
-        except OSError:
-            pass  # closed at the end of the reactor
+        with self._wake_lock:
+            if self._wake_closed:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: the reactor is awake anyway
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -99,11 +104,10 @@ class _EventDrivenDUL(DULServiceProvider):
                 store.discard()
                 self.assoc.dimse._store = None
             self._wake_association()  # the association reactor checks `dul.is_alive()`
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            with self._wake_lock:
+                self._wake_closed = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def _loop(self) -> None:
         self._idle_timer.start()
