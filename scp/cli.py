@@ -98,25 +98,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="allow patient-identifying values in logs")
     serve.set_defaults(run=_serve)
 
-    reindex = sub.add_parser("reindex", help="rebuild the index from the stored files")
-    _common(reindex)
-    reindex.set_defaults(run=_reindex)
-
-    studies = sub.add_parser("studies", help="list the studies in the data dir")
-    _common(studies)
-    studies.set_defaults(run=_studies)
-
-    for name, help_text, run in (("show", "print a study's ImagingStudy as it would be published", _show),
-                                 ("publish", "publish a study again, now", _publish)):
+    for name, help_text, run, takes_study in (
+        ("reindex", "rebuild the index from the stored files", _reindex, False),
+        ("studies", "list the studies in the data dir", _studies, False),
+        ("show", "print a study's ImagingStudy as it would be published", _show, True),
+        ("publish", "publish a study again, now", _publish, True),
+        ("config", "print the effective configuration (secrets masked)", _config, False),
+    ):
         command = sub.add_parser(name, help=help_text)
         _common(command)
-        command.add_argument("study_uid", metavar="STUDY_UID")
-        command.add_argument("--fhir-version", help="R6 (default), R5 or R4")
+        if takes_study:
+            command.add_argument("study_uid", metavar="STUDY_UID")
+            command.add_argument("--fhir-version", help="R6 (default), R5 or R4")
         command.set_defaults(run=run)
-
-    config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
-    _common(config)
-    config.set_defaults(run=_config)
 
     outbox = sub.add_parser("outbox", help="list the publications pending or dead in the outbox")
     _common(outbox)

@@ -33,11 +33,3 @@ def check_uid(value: object, what: str) -> str:
         raise InvalidUID(f"{what} {text[:80]!r} is not a valid UID (digits and dots, no leading zeros)")
     return text
 
-
-def is_valid_uid(value: object) -> bool:
-    """True when ``value`` would pass :func:`check_uid`."""
-    try:
-        check_uid(value, "UID")
-    except InvalidUID:
-        return False
-    return True
