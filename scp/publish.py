@@ -135,6 +135,8 @@ class Publisher:
         self._stopping = threading.Event()
         self._drain_until = 0.0
         self._threads: list[threading.Thread] = []
+        self._busy = 0  # attempts whose bookkeeping is not finished yet (see wait_idle)
+        self._busy_lock = threading.Lock()
         dead_gauge = getattr(self._metrics, "outbox_dead", None)
         if dead_gauge is not None:
             dead_gauge.set_function(lambda: float(self._outbox.dead_count(self._names)))
@@ -233,9 +235,13 @@ class Publisher:
         return self._outbox.oldest_age(self._names)
 
     def wait_idle(self, timeout: float = 30) -> bool:
-        """Block until nothing is pending for any sink (tests, tools); False on timeout."""
+        """Block until nothing is pending for any sink and no attempt is mid-way (tests, tools); False on timeout.
+
+        An item turns delivered in the outbox a moment before the index records the study as
+        published; counting attempts in progress keeps callers from looking in between.
+        """
         deadline = time.monotonic() + timeout
-        while self.depth():
+        while self.depth() or self._busy:  # this order: depth reaches 0 only while an attempt counts as busy
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -313,11 +319,16 @@ class Publisher:
                 pause = POLL_SECONDS if next_at is None else min(POLL_SECONDS, max(0.0, next_at - time.time()))
                 wake.wait(pause)
                 continue
+            with self._busy_lock:
+                self._busy += 1
             try:
                 self._attempt(sink, item)
             except Exception:  # a bug in the bookkeeping: never let it kill the worker
                 log.exception("delivering study %s to %s failed unexpectedly", item.study_uid, sink.name)
                 wake.wait(POLL_SECONDS)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
 
     def _publication(self, sink: Sink, study_uid: str,
                      instances: Sequence[StoredInstance]) -> Publication | _Rejected:
