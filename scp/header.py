@@ -70,13 +70,16 @@ class HeaderError(ValueError):
     """The dataset's header cannot be read or lacks a valid identity (UIDs)."""
 
 
-def read_header(path: str | os.PathLike[str] | BinaryIO) -> InstanceHeader:
+def read_header(path: str | os.PathLike[str] | BinaryIO, head: bytes | bytearray = b"",
+                size: int | None = None) -> InstanceHeader:
     """Read the identity and mapping attributes of the Part-10 file at ``path``.
 
-    Raises :class:`HeaderError` with a message fit for a DIMSE Error Comment
-    when the file does not parse or a UID is missing or invalid.
+    ``head``, when given with the file's ``size``, holds the file's first bytes as the
+    receiver wrote them: the fast path then reads the file itself only when the header
+    runs past them. Raises :class:`HeaderError` with a message fit for a DIMSE
+    Error Comment when the file does not parse or a UID is missing or invalid.
     """
-    header = _fast_header(path)
+    header = _fast_header(path, head, size)
     if header is not None:
         return header
     return _pydicom_header(path)
@@ -236,13 +239,14 @@ _KEYWORDS: dict[int, str] = {}
 _DICTIONARY_VRS: dict[int, str] = {}
 
 
-def _fast_header(path: str | os.PathLike[str] | BinaryIO) -> InstanceHeader | None:
+def _fast_header(path: str | os.PathLike[str] | BinaryIO, head: bytes | bytearray = b"",
+                 size: int | None = None) -> InstanceHeader | None:
     """The header of the file at ``path`` read without pydicom's reader, or None to use pydicom.
 
     When it returns a header, it is the one :func:`_pydicom_header` would return.
     """
     try:
-        header = _fast_header_or_raise(path)
+        header = _fast_header_or_raise(path, head, size)
     except Exception:  # noqa: BLE001 - Fallback, InvalidUID, OSError, malformed data: pydicom decides
         FAST_PATH_COUNTS["fallback"] += 1
         return None
@@ -250,7 +254,8 @@ def _fast_header(path: str | os.PathLike[str] | BinaryIO) -> InstanceHeader | No
     return header
 
 
-def _fast_header_or_raise(path: str | os.PathLike[str] | BinaryIO) -> InstanceHeader:
+def _fast_header_or_raise(path: str | os.PathLike[str] | BinaryIO, head: bytes | bytearray = b"",
+                          size: int | None = None) -> InstanceHeader:
     """:func:`_fast_header`, raising (mostly :class:`Fallback`) where it returns None."""
     if not isinstance(path, (str, os.PathLike)):
         raise Fallback("not a path")
@@ -259,7 +264,7 @@ def _fast_header_or_raise(path: str | os.PathLike[str] | BinaryIO) -> InstanceHe
         raise Fallback("not a str path")
     if not header_fast.config_is_default():
         raise Fallback("pydicom reading configuration changed")
-    transfer_syntax, elements = header_fast.read_file(name, NEEDED_TAGS)
+    transfer_syntax, elements = header_fast.read_file(name, NEEDED_TAGS, head, size)
     charset = elements.get(CHARSET)
     encodings = _ISO8859 if charset is None else _fast_encodings(charset)
     study, series, sop, sop_class = (_fast_text(elements, tag) for tag in _IDENTITY_TAGS)

@@ -107,24 +107,36 @@ def config_is_default() -> bool:
             and not pydicom_uid.PrivateTransferSyntaxes)
 
 
-def read_file(path: str, needed: frozenset[int]) -> tuple[str, Elements]:
+def read_file(path: str, needed: frozenset[int], head: bytes | bytearray = b"",
+              size: int | None = None) -> tuple[str, Elements]:
     """The Transfer Syntax UID and the ``needed`` top-level elements of the Part-10 file at ``path``.
 
     ``needed`` are the ``specific_tags`` pydicom is given (plus Specific Character Set). Reads
-    :data:`PREFIX_BYTES` first, and four times more each time the walk needs bytes beyond, up
-    to :data:`MAX_READ_BYTES`. Raises :class:`Fallback` (or OSError) when pydicom must do it.
+    :data:`PREFIX_BYTES` first, then three times what it has each time the walk needs bytes
+    beyond, up to :data:`MAX_READ_BYTES`. ``head`` (the file's first bytes, already in memory,
+    with the file's ``size``) stands in for the first read; the file is then opened only when
+    the walk needs more. Raises :class:`Fallback` (or OSError) when pydicom must do it.
     """
-    with open(path, "rb", buffering=0) as handle:
-        wanted = PREFIX_BYTES
-        data = _read(handle, wanted)
+    data, complete = (bytes(head), len(head) >= size) if head and size is not None else (b"", False)
+    handle: Any = None
+    try:
         while True:
-            try:
-                return _Reader(data, len(data) < wanted).read(needed)
-            except _NeedMore:
-                if wanted >= MAX_READ_BYTES:
-                    raise Fallback("header larger than the fast path reads") from None
-            data += _read(handle, 3 * wanted)
-            wanted *= 4
+            if data or complete:
+                try:
+                    return _Reader(data, complete).read(needed)
+                except _NeedMore:
+                    if len(data) >= MAX_READ_BYTES:
+                        raise Fallback("header larger than the fast path reads") from None
+            if handle is None:
+                handle = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+                handle.seek(len(data))
+            asked = max(PREFIX_BYTES, 3 * len(data))
+            more = _read(handle, asked)
+            data += more
+            complete = len(more) < asked
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def _read(handle: Any, size: int) -> bytes:

@@ -88,23 +88,26 @@ class Ingest:
         self.duplicate_policy = duplicate_policy
 
     def accept(self, temp_path: str | os.PathLike[str], *, sop_instance_uid: str | None,
-               sop_class_uid: str | None, provenance: Provenance) -> Accepted:
+               sop_class_uid: str | None, provenance: Provenance, head: bytes = b"", fd: int | None = None,
+               size: int | None = None) -> Accepted:
         """Store the dataset at ``temp_path`` (a Part-10 file in the store's tmp dir).
 
         ``sop_instance_uid`` / ``sop_class_uid`` are the C-STORE request's
         Affected SOP Instance/Class UIDs; the dataset must agree with them.
+        What the receiver still holds saves reading and opening the file again: ``head``
+        (its first bytes) with its ``size``, and ``fd`` (the file, open, for the fsync).
         Raises :class:`Rejected` with the DIMSE status to answer.
         """
         self._check_free_space()
-        self._check_size(temp_path)
-        header = self._header(temp_path, sop_instance_uid, sop_class_uid)
+        self._check_size(temp_path, size)
+        header = self._header(temp_path, sop_instance_uid, sop_class_uid, head, size)
         existing = self.index.get(header.sop_uid)
         if existing is not None:
             kept = self._duplicate(temp_path, existing)
             if kept is not None:
                 return kept
         try:
-            relative, size = self.store.commit(temp_path, header)
+            relative, size = self.store.commit(temp_path, header, fd=fd, size=size)
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRNOS:
                 raise Rejected(OUT_OF_RESOURCES, f"cannot store: {os.strerror(exc.errno or 0)}") from exc
@@ -151,15 +154,17 @@ class Ingest:
         if free < self.min_free_bytes:
             raise Rejected(OUT_OF_RESOURCES, f"store has {free // 2**20} MB free, below the minimum")
 
-    def _check_size(self, temp_path: str | os.PathLike[str]) -> None:
-        if self.max_instance_bytes > 0 and os.path.getsize(temp_path) > self.max_instance_bytes:
+    def _check_size(self, temp_path: str | os.PathLike[str], size: int | None) -> None:
+        if self.max_instance_bytes <= 0:
+            return
+        if (size if size is not None else os.path.getsize(temp_path)) > self.max_instance_bytes:
             raise Rejected(OUT_OF_RESOURCES, f"instance larger than {self.max_instance_bytes // 2**20} MB")
 
     @staticmethod
     def _header(temp_path: str | os.PathLike[str], sop_instance_uid: str | None,
-                sop_class_uid: str | None) -> InstanceHeader:
+                sop_class_uid: str | None, head: bytes = b"", size: int | None = None) -> InstanceHeader:
         try:
-            header = read_header(temp_path)
+            header = read_header(temp_path, head, size)
         except HeaderError as exc:
             raise Rejected(CANNOT_UNDERSTAND, str(exc)) from exc
         if sop_instance_uid is not None and header.sop_uid != str(sop_instance_uid).rstrip("\x00 "):

@@ -32,6 +32,11 @@ class Store:
         for directory in (self.data_dir, self.studies_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def durable(self) -> bool:
+        """True when files (and the directories that receive them) are fsync'ed before they count as stored."""
+        return self._fsync
+
     @staticmethod
     def relative_path(header: InstanceHeader) -> str:
         """The instance's path relative to the data dir (UIDs checked again: paths are built from them)."""
@@ -47,18 +52,26 @@ class Store:
             raise ValueError(f"{relative!r} is outside the store")
         return path
 
-    def commit(self, temp_path: str | os.PathLike[str], header: InstanceHeader) -> tuple[str, int]:
+    def commit(self, temp_path: str | os.PathLike[str], header: InstanceHeader, *, fd: int | None = None,
+               size: int | None = None) -> tuple[str, int]:
         """Make the fully received file at ``temp_path`` durable at its final place.
 
         Returns the relative path and the size. ``temp_path`` must be in
-        :attr:`tmp_dir` (same filesystem) so that the rename is atomic.
+        :attr:`tmp_dir` (same filesystem) so that the rename is atomic. ``fd``, the
+        file still open from receiving it, saves opening it again (with ``size``, a stat).
         """
         relative = self.relative_path(header)
         final = self.data_dir / relative
-        with open(temp_path, "rb") as handle:
+        if fd is not None:
             if self._fsync:
-                os.fsync(handle.fileno())
-            size = os.fstat(handle.fileno()).st_size
+                os.fsync(fd)
+            if size is None:
+                size = os.fstat(fd).st_size
+        else:
+            with open(temp_path, "rb") as handle:
+                if self._fsync:
+                    os.fsync(handle.fileno())
+                size = os.fstat(handle.fileno()).st_size
         self._make_dirs(final.parent)
         try:
             os.replace(temp_path, final)
