@@ -31,10 +31,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.ae_policy import AEPolicy
-from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected, receive_failure_status
+from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected, error_comment, receive_failure_status
 from scp.metrics import Metrics
 from scp.records import Provenance
-from scp.transport import EventDrivenRequestHandler
+from scp.temp_files import SpareFiles, TempFile
+from scp.transport import EventDrivenRequestHandler, StoreRequest
 
 log = logging.getLogger("scp.association")
 
@@ -134,6 +135,7 @@ class Listener:
         # restored on stop so an embedding process gets its own back).
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(ingest.store.tmp_dir)
+        self._spare_files = SpareFiles(ingest.store.tmp_dir, writeback=ingest.store.durable)
         self._ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -167,6 +169,8 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        if self.options.event_driven:
+            self._spare_files.start()
         self._serve(self.options.port, None, handlers)
         log.info("listening on %s:%d as %s", self.options.host, self.port, self.options.aet)
         if self.options.tls_port is not None:
@@ -177,6 +181,7 @@ class Listener:
         extra = {"request_handler": EventDrivenRequestHandler} if self.options.event_driven else {}
         server = self._ae.make_server((self.options.host, port), evt_handlers=handlers, server_class=_Server,
                                       ssl_context=context, **extra)
+        server.store_handler = self  # type: ignore[attr-defined]  # see scp.transport.StoreHandler
         thread = threading.Thread(target=server.serve_forever, name=f"dicom-{server.server_address[1]}",
                                   daemon=True)
         self._servers.append(server)
@@ -189,6 +194,7 @@ class Listener:
         for thread in self._threads:
             thread.join(10)
         self._servers, self._threads = [], []
+        self._spare_files.close()
         if tempfile.tempdir == str(self._ingest.store.tmp_dir):
             tempfile.tempdir = self._previous_tempdir
 
@@ -237,42 +243,61 @@ class Listener:
         return 0x0000
 
     def _on_c_store(self, event: evt.Event) -> int | Dataset:
-        report = self._report(event.assoc)
+        """A C-STORE through pynetdicom's storage service class (``--stock-transport``)."""
         request = event.request
+        path = event.dataset_path
+        received = StoreRequest(
+            message_id=request.MessageID, sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""), path=path, size=path.stat().st_size,
+            head=b"", receive_error=getattr(request, "_receive_error", None),  # set by scp.transport
+        )
+        status, comment = self.store(event.assoc, received)
+        if status == 0x0000:
+            return status
+        answer = Dataset()
+        answer.Status = status
+        answer.ErrorComment = comment
+        return answer
+
+    # -- scp.transport.StoreHandler: C-STOREs on the event-driven transport, on the DUL thread --
+
+    def temp_file(self) -> TempFile:
+        return self._spare_files.take()
+
+    def store(self, assoc: Any, request: StoreRequest) -> tuple[int, str | None]:
+        """Store one received instance; the status and error comment to answer with (never raises)."""
+        report = self._report(assoc)
         provenance = Provenance(
             calling_aet=report.calling_aet, called_aet=report.called_aet, peer=report.peer,
             association_id=report.association_id, received_at=time.time(),
         )
-        receive_error = getattr(request, "_receive_error", None)  # set by scp.transport (e.g. disk full)
-        if receive_error is not None:
-            return self._failure(report, receive_failure_status(receive_error),
-                                 f"cannot receive: {receive_error.strerror or receive_error}", request)
+        if request.receive_error is not None:
+            error = request.receive_error
+            return self._failure(report, receive_failure_status(error),
+                                 f"cannot receive: {error.strerror or error}", request)
         try:
             accepted = self._ingest.accept(
-                event.dataset_path,
-                sop_instance_uid=request.AffectedSOPInstanceUID,
-                sop_class_uid=request.AffectedSOPClassUID,
-                provenance=provenance,
+                request.path, sop_instance_uid=request.sop_instance_uid or None,
+                sop_class_uid=request.sop_class_uid or None, provenance=provenance,
+                head=request.head, fd=request.fd, size=request.size,
             )
         except Rejected as exc:
             return self._failure(report, exc.status, exc.comment, request)
         except Exception as exc:  # a bug or an unexpected I/O error: the sender must not see success
-            log.exception("C-STORE of %s failed", request.AffectedSOPInstanceUID)
+            log.exception("C-STORE of %s failed", request.sop_instance_uid)
             return self._failure(report, PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", request)
         report.instances += 1
         report.bytes += accepted.instance.size
         report.touch(accepted.touched_studies)
-        return 0x0000
+        return 0x0000, None
 
-    def _failure(self, report: AssociationReport, status: int, comment: str, request: Any) -> Dataset:
+    def _failure(self, report: AssociationReport, status: int, comment: str,
+                 request: StoreRequest) -> tuple[int, str]:
         report.failures[status] += 1
         self._metrics.store_failures.labels(status=f"0x{status:04X}").inc()
         log.warning("C-STORE rejected 0x%04X (%s) from %s %s: %s", status, report.calling_aet, report.peer,
-                    request.AffectedSOPInstanceUID, comment)
-        answer = Dataset()
-        answer.Status = status
-        answer.ErrorComment = comment[:64]
-        return answer
+                    request.sop_instance_uid, comment)
+        return status, error_comment(comment)
 
     def _on_released(self, event: evt.Event) -> None:
         self._end(event.assoc, "released")

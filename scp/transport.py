@@ -10,13 +10,22 @@ whatever the CPU does. Here both loops wait on events instead:
 - the DUL thread sleeps in ``select`` on its socket and on a wake-up pipe written whenever the association
   thread queues something to send.
 
-Both keep pynetdicom's own state machine and service classes. On top, the two messages every instance
-costs are handled without pydicom (see :class:`_FastStoreDimse`): a C-STORE-RQ's command set is read and its
-dataset streamed into the chunked-receive temp file directly (file meta written from precomputed bytes), and
-the C-STORE-RSP is encoded directly. Every other message, and anything unexpected, takes pynetdicom's own
-path. Idle associations stay cheap (a wake-up every 50 ms to check timers). The adaptation applies only to the
-pynetdicom versions in :data:`ADAPTED_FOR`; any other version runs stock pynetdicom (and the tests in
-``tests/test_transport.py`` fail loudly, so the pin is revisited rather than silently ignored).
+Both keep pynetdicom's own state machine and service classes for everything but the data of a C-STORE.
+That, the only traffic whose volume grows with the study, takes a short path on the DUL thread:
+
+- a P-DATA-TF PDU in the data-transfer state is read into one reused buffer and its fragments go straight
+  to the DIMSE provider (pynetdicom reads it 4 KB at a time, builds PDU and primitive objects and passes
+  it through the state machine, which forwards it there unchanged);
+- a C-STORE-RQ's command set is read without pydicom and its dataset streamed into a temp file (file meta
+  written from precomputed bytes, the first bytes also kept in memory for the header read);
+- with a :class:`StoreHandler` (the server's), the request is answered right there on the DUL thread and
+  the C-STORE-RSP, encoded directly, is sent at once: no hand-off to the association thread and back, no
+  service class, no event objects. Without one, the request goes to pynetdicom's storage service class.
+
+Every other message, and anything unexpected, takes pynetdicom's own path. Idle associations stay cheap
+(a wake-up every 50 ms to check timers). The adaptation applies only to the pynetdicom versions in
+:data:`ADAPTED_FOR`; any other version runs stock pynetdicom (and the tests in ``tests/test_transport.py``
+fail loudly, so the pin is revisited rather than silently ignored).
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import pynetdicom
 from pynetdicom.association import Association
@@ -43,10 +53,48 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
+from scp.temp_files import TempFile
+
 log = logging.getLogger("scp.transport")
 
 ADAPTED_FOR = ("3.0.",)
 _IDLE_WAIT = 0.05  # seconds between timer checks when nothing happens
+_MAX_BUFFER = 4 << 20  # the reused PDU buffer grows up to this; larger PDUs are read as they arrive
+
+
+@dataclass(slots=True)
+class StoreRequest:
+    """A C-STORE request whose dataset has been received into a temp file (a Part-10 file).
+
+    ``head`` holds the file's first bytes (at most :data:`HEAD_BYTES`) and ``fd`` is the file,
+    still open, so that the handler neither reads nor opens it again unless it must.
+    """
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path
+    size: int
+    head: bytes
+    fd: int | None = None
+    receive_error: OSError | None = None  # a failed write (e.g. ENOSPC): answer with a failure status
+
+
+class StoreHandler(Protocol):
+    """What the event-driven transport calls for C-STORE requests, on the thread that reads the socket.
+
+    Handling the request where it was read saves two thread hand-offs per instance (to the
+    association's thread and back), and pynetdicom's service class and event machinery.
+    """
+
+    def temp_file(self) -> TempFile:
+        """A new empty file on the store's filesystem, open, for one dataset."""
+
+    def store(self, assoc: Association, request: StoreRequest) -> tuple[int, str | None]:
+        """Store the instance; the DIMSE status and error comment to answer with. Must not raise."""
+
+
+HEAD_BYTES = 64 * 1024  # bytes of each received file kept in memory for the header read
 
 
 def adapted() -> bool:
@@ -81,6 +129,7 @@ class _EventDrivenDUL(DULServiceProvider):
         self._wake_association = wake_association
         self.to_provider_queue = _NotifyingQueue(self._wake)
         self.to_user_queue = _NotifyingQueue(wake_association)
+        self._buffer = bytearray(1 << 17)  # one PDU at a time; grows for larger PDUs
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -159,6 +208,117 @@ class _EventDrivenDUL(DULServiceProvider):
                     pass
             except BlockingIOError:
                 pass
+
+    # -- P-DATA-TF without pynetdicom's PDU objects and state machine -----------------------------
+
+    def _read_pdu_data(self) -> None:
+        """Read one PDU. A P-DATA-TF in the data-transfer state (Sta6), with no event waiting before it,
+        goes straight to the DIMSE provider as memory views of one reused buffer; pynetdicom's own
+        path (PDU objects, Evt10 through the state machine, DT-2) only forwards it there, after reading
+        it 4 KB at a time. Anything else takes that path, from the bytes read here."""
+        view = self._recv_exactly(6)
+        if view is None:
+            return
+        header = bytes(view)  # the body is read into the same buffer
+        pdu_type, _, length = _PDU_HEADER.unpack(header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("unknown PDU type 0x%02X received", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        body = self._recv_exactly(length)
+        if body is None:
+            return
+        if pdu_type == 0x04 and self.state_machine.current_state == "Sta6" and self.event_queue.empty():
+            self._p_data(body)
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header) + body)
+        except Exception:
+            log.exception("unable to decode the received PDU")
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _recv_exactly(self, size: int) -> memoryview | None:
+        """``size`` bytes from the socket into the reused buffer; None (and Evt17) when the link breaks.
+
+        The buffer grows to the largest PDU seen up to :data:`_MAX_BUFFER`; a larger (announced)
+        length is read into memory only as the bytes arrive, as pynetdicom does.
+        """
+        sock = self.socket.socket  # type: ignore[union-attr]
+        if size > _MAX_BUFFER:
+            return self._recv_large(sock, size)
+        if len(self._buffer) < size:
+            self._buffer = bytearray(max(size, min(2 * len(self._buffer), _MAX_BUFFER)))
+        view = memoryview(self._buffer)[:size]
+        got = 0
+        try:
+            while got < size:
+                count = sock.recv_into(view[got:], size - got)
+                if not count:
+                    break
+                got += count
+        except (OSError, TimeoutError) as exc:
+            log.error("connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return None
+        if got < size:
+            if got or size != 6:
+                log.error("the received PDU is shorter than expected (%d of %d bytes)", got, size)
+            self.event_queue.put("Evt17")
+            return None
+        return view
+
+    def _recv_large(self, sock: Any, size: int) -> memoryview | None:
+        data = bytearray()
+        try:
+            while len(data) < size:
+                chunk = sock.recv(min(size - len(data), _MAX_BUFFER))
+                if not chunk:
+                    break
+                data += chunk
+        except (OSError, TimeoutError) as exc:
+            log.error("connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return None
+        if len(data) < size:
+            log.error("the received PDU is shorter than expected (%d of %d bytes)", len(data), size)
+            self.event_queue.put("Evt17")
+            return None
+        return memoryview(data)
+
+    def _p_data(self, body: memoryview) -> None:
+        """Hand each presentation data value of a P-DATA-TF to the DIMSE provider."""
+        dimse = self.assoc.dimse
+        offset, end = 0, len(body)
+        while offset < end:
+            if offset + 6 > end:
+                self._invalid_pdu("a presentation data value item is cut short")
+                return
+            length, context_id = _PDV_HEADER.unpack_from(body, offset)
+            if length < 2 or offset + 4 + length > end:
+                self._invalid_pdu(f"presentation data value item length {length} is invalid")
+                return
+            dimse._receive_fragment(context_id, body[offset + 5:offset + 4 + length])
+            offset += 4 + length
+            if not self.event_queue.empty():  # the fragment ended the data transfer (e.g. Evt19)
+                return
+
+    def _invalid_pdu(self, why: str) -> None:
+        log.error("invalid P-DATA-TF PDU: %s", why)
+        self.event_queue.put("Evt19")
+
+    def send_now(self, data: bytes) -> None:
+        """Send bytes now, on this (the DUL) thread, past the provider queue and the state machine.
+
+        Used for C-STORE responses in Sta6 only, where the state machine would send them unchanged
+        (DT-1) and stay in Sta6. Every other send still goes through the queue, on this same thread.
+        """
+        try:
+            self.socket.socket.sendall(data)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            self.event_queue.put("Evt17")
 
     def _abort_hard(self) -> None:
         """Send an A-ABORT past the state machine and stop; the association thread then reports an abort
@@ -295,42 +455,70 @@ def store_response(primitive: C_STORE) -> bytes | None:
     """The command set of a C-STORE-RSP, or None when it carries something only pynetdicom encodes."""
     if primitive.OffendingElement is not None:
         return None
+    return store_response_command(
+        int(primitive.MessageIDBeingRespondedTo), str(primitive.AffectedSOPClassUID or ""),
+        str(primitive.AffectedSOPInstanceUID or ""), int(primitive.Status), primitive.ErrorComment or None)
+
+
+def store_response_command(message_id: int, sop_class: str, sop_instance: str, status: int,
+                           comment: str | None) -> bytes:
+    """The command set of a C-STORE-RSP, encoded as pynetdicom encodes it (implicit VR little endian)."""
     parts = []
-    if primitive.AffectedSOPClassUID:
-        parts.append(_implicit(0x0002, _even(str(primitive.AffectedSOPClassUID), b"\x00")))
+    if sop_class:
+        parts.append(_implicit(0x0002, _even(sop_class, b"\x00")))
     parts.append(_implicit(0x0100, _US.pack(_C_STORE_RSP)))
-    parts.append(_implicit(0x0120, _US.pack(int(primitive.MessageIDBeingRespondedTo))))
+    parts.append(_implicit(0x0120, _US.pack(message_id)))
     parts.append(_implicit(0x0800, _US.pack(_NO_DATASET)))
-    parts.append(_implicit(0x0900, _US.pack(int(primitive.Status))))
-    if primitive.ErrorComment:
-        parts.append(_implicit(0x0902, _even(str(primitive.ErrorComment), b" ")))
-    if primitive.AffectedSOPInstanceUID:
-        parts.append(_implicit(0x1000, _even(str(primitive.AffectedSOPInstanceUID), b"\x00")))
+    parts.append(_implicit(0x0900, _US.pack(status)))
+    if comment:
+        parts.append(_implicit(0x0902, _even(comment, b" ")))
+    if sop_instance:
+        parts.append(_implicit(0x1000, _even(sop_instance, b"\x00")))
     body = b"".join(parts)
     return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LB")
+
+
+def p_data_tf(context_id: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU carrying one presentation data value (``fragment`` starts with its control byte)."""
+    item = _PDV_HEADER.pack(len(fragment) + 1, context_id) + fragment
+    return _PDU_HEADER.pack(0x04, 0, len(item)) + item
 
 
 class _IncomingStore:
     """A C-STORE-RQ whose dataset is being streamed into a temp file (the chunked-receive file)."""
 
-    def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax: str) -> None:
+    def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax: str,
+                 temp_file: Callable[[], TempFile] | None = None) -> None:
         self.context_id = context_id
         self.command = command
         self.error: OSError | None = None  # a failed write (e.g. ENOSPC): the data is dropped, not the link
-        fd, name = tempfile.mkstemp(suffix=".dcm")
-        os.close(fd)
-        self.path = Path(name)
-        self.file: BinaryIO = open(name, "wb", buffering=1 << 20)  # noqa: SIM115 (closed by pynetdicom's SCP)
-        self.write(file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "",
-                             transfer_syntax))
+        if temp_file is not None:
+            self.file = temp_file()
+        else:
+            fd, name = tempfile.mkstemp(suffix=".dcm")
+            self.file = TempFile(name, fd)
+        self.path = Path(self.file.path)
+        self.head = bytearray()
+        # written together with the first fragment: one system call for a small instance
+        self._meta: bytes | None = file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "",
+                                             transfer_syntax)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append received bytes; after a failed write the rest of the dataset is read and dropped, so the
         association lives on and the C-STORE can be answered with a failure status."""
         if self.error is not None:
             return
+        parts = (data,) if self._meta is None else (self._meta, data)
+        self._meta = None
+        for part in parts:
+            if len(self.head) < HEAD_BYTES:
+                self.head += part[:HEAD_BYTES - len(self.head)]
         try:
-            self.file.write(data)
+            self.file.write(*parts)
         except OSError as exc:
             self._fail(exc)
 
@@ -342,16 +530,28 @@ class _IncomingStore:
             pass
         self.path.unlink(missing_ok=True)
 
+    def finish(self) -> None:
+        """The last fragment is in (a dataset without bytes still gets its file meta)."""
+        if self._meta is not None:
+            self.write(b"")
+
+    def request(self) -> StoreRequest:
+        """The request for a :class:`StoreHandler` (after :meth:`finish`)."""
+        return StoreRequest(
+            message_id=_unsigned(self.command.get(0x0110)) or 0,
+            sop_class_uid=_text(self.command.get(0x0002)) or "",
+            sop_instance_uid=_text(self.command.get(0x1000)) or "",
+            path=self.path, size=self.file.size, head=bytes(self.head),
+            fd=self.file.fd if self.error is None else None,
+            receive_error=self.error,
+        )
+
     def primitive(self) -> C_STORE:
         """The C-STORE request as pynetdicom's service class expects it (dataset in ``_dataset_path``).
 
         After a failed write, ``_receive_error`` carries the error for the handler to answer with.
         """
-        if self.error is None:
-            try:
-                self.file.flush()
-            except OSError as exc:
-                self._fail(exc)
+        self.finish()
         request = C_STORE()
         request.MessageID = _unsigned(self.command.get(0x0110))
         request.AffectedSOPClassUID = _text(self.command.get(0x0002))
@@ -371,7 +571,11 @@ class _IncomingStore:
         return request
 
     def discard(self) -> None:
-        self.file.close()
+        """Close the file and remove it unless the handler moved it into the store."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
         self.path.unlink(missing_ok=True)
 
 
@@ -380,12 +584,13 @@ class _FastStoreDimse(DIMSEServiceProvider):
 
     _command: bytearray
     _store: _IncomingStore | None
+    _handler: StoreHandler | None  # None: C-STOREs go to pynetdicom's service class on the association thread
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         for context_id, data in primitive.presentation_data_value_list:
             self._receive_fragment(int(context_id), data)
 
-    def _receive_fragment(self, context_id: int, data: bytes) -> None:
+    def _receive_fragment(self, context_id: int, data: bytes | memoryview) -> None:
         control = data[0]
         if self.message is not None:  # a message on pynetdicom's own path
             self._stock(context_id, data)
@@ -398,6 +603,9 @@ class _FastStoreDimse(DIMSEServiceProvider):
             self._store.write(memoryview(data)[1:])
             if control & 2:
                 store, self._store = self._store, None
+                if self._handler is not None:
+                    self._serve(store, self._handler)
+                    return
                 try:
                     request = store.primitive()
                 except Exception as exc:  # e.g. an Affected SOP Instance UID pynetdicom refuses (> 64 chars)
@@ -421,11 +629,36 @@ class _FastStoreDimse(DIMSEServiceProvider):
                 or _unsigned(elements.get(0x0800)) == _NO_DATASET):
             self._stock(context_id, b"\x03" + bytes(command))
             return
-        self._store = _IncomingStore(context_id, elements, str(context.transfer_syntax[0]))
+        handler = self._handler
+        self._store = _IncomingStore(context_id, elements, str(context.transfer_syntax[0]),
+                                     handler.temp_file if handler is not None else None)
 
-    def _stock(self, context_id: int, data: bytes) -> None:
+    def _serve(self, store: _IncomingStore, handler: StoreHandler) -> None:
+        """Answer a fully received C-STORE here and now (on the DUL thread)."""
+        store.finish()
+        request = store.request()
+        try:
+            status, comment = handler.store(self.assoc, request)
+        finally:
+            store.discard()
+        command = store_response_command(request.message_id, request.sop_class_uid, request.sop_instance_uid,
+                                         status, comment)
+        limit = self.maximum_pdu_size
+        if limit and len(command) + 6 > limit:  # a peer with a tiny PDU limit: pynetdicom fragments it
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo = request.message_id
+            response.AffectedSOPClassUID = request.sop_class_uid
+            response.AffectedSOPInstanceUID = request.sop_instance_uid
+            response.Status = status
+            if comment:
+                response.ErrorComment = comment
+            DIMSEServiceProvider.send_msg(self, response, store.context_id)
+            return
+        self.dul.send_now(p_data_tf(store.context_id, b"\x03" + command))  # type: ignore[attr-defined]
+
+    def _stock(self, context_id: int, data: bytes | memoryview) -> None:
         pdata = P_DATA()
-        pdata.presentation_data_value_list = [[context_id, data]]
+        pdata.presentation_data_value_list = [[context_id, bytes(data)]]  # a view's buffer is reused
         super().receive_primitive(pdata)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
@@ -440,8 +673,12 @@ class _FastStoreDimse(DIMSEServiceProvider):
         super().send_msg(primitive, context_id)
 
 
-def _make_event_driven(assoc: Association) -> Association:
-    """Turn a freshly created (not yet started) acceptor into the event-driven variant."""
+def _make_event_driven(assoc: Association, handler: StoreHandler | None = None) -> Association:
+    """Turn a freshly created (not yet started) acceptor into the event-driven variant.
+
+    With a ``handler``, C-STORE requests are answered by it on the DUL thread; without, they go to
+    pynetdicom's storage service class (and the EVT_C_STORE handler) on the association thread.
+    """
     wake = threading.Event()
     old_dul = assoc.dul
     dul = _EventDrivenDUL(assoc, wake.set)
@@ -456,12 +693,18 @@ def _make_event_driven(assoc: Association) -> Association:
     assoc.dimse.__class__ = _FastStoreDimse
     assoc.dimse._command = bytearray()  # type: ignore[attr-defined]
     assoc.dimse._store = None  # type: ignore[attr-defined]
+    assoc.dimse._handler = handler  # type: ignore[attr-defined]
     return assoc
 
 
 class EventDrivenRequestHandler(RequestHandler):
-    """pynetdicom's request handler, creating event-driven associations when the version is known."""
+    """pynetdicom's request handler, creating event-driven associations when the version is known.
+
+    The server's ``store_handler`` attribute (a :class:`StoreHandler`), when set, answers C-STOREs.
+    """
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        return _make_event_driven(assoc) if adapted() else assoc
+        if not adapted():
+            return assoc
+        return _make_event_driven(assoc, getattr(self.server, "store_handler", None))

@@ -220,6 +220,16 @@ class ReferenceStorescp:
         self.process.wait(10)
 
 
+def temp_leftovers(data_dir: Path) -> list[Path]:
+    """Files in ``<data-dir>/tmp`` other than the empty spare files the server keeps ready
+    (scp.temp_files): what a failed or interrupted receive left behind."""
+    tmp = data_dir / "tmp"
+    if not tmp.exists():
+        return []
+    return sorted(p for p in tmp.iterdir()
+                  if not (p.name.startswith("spare-") and p.is_file() and p.stat().st_size == 0))
+
+
 def free_port() -> int:
     import socket
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from conftest import RunningSCP, assert_valid, storescu, wait_for
+from conftest import RunningSCP, assert_valid, storescu, temp_leftovers, wait_for
 from dicom_factory import UID_ROOT, make_instance, make_study
 from scu import associate, store
 
@@ -98,7 +98,7 @@ def test_invalid_identity_is_refused_and_the_server_keeps_serving(running_scp: R
     assert len(stored) == 2, stored
     assert all(good.study_uid in str(p) for p in stored)
     assert not (tmp_path / "tmp").exists() or not any((tmp_path / "tmp").iterdir())
-    assert list((running_scp.data_dir / "tmp").iterdir()) == []
+    assert temp_leftovers(running_scp.data_dir) == []
     assert "failures=0xC000:8" in running_scp.log()
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import RunningSCP, wait_for
+from conftest import RunningSCP, temp_leftovers, wait_for
 from dicom_factory import GeneratedStudy, dataset_bytes, make_study
 from fault_scu import NO_RESPONSE, connect, contexts_of, send
 from scp.header import read_header
@@ -236,12 +236,12 @@ def test_sigkill_during_sends_loses_no_acknowledged_instance(tmp_path: Path) -> 
             assert missing == [], f"trial {trial}: acknowledged but not on disk after SIGKILL: {missing}"
             if trial % 4 != 3:
                 totals.stored_unacknowledged += len(files.keys() & {uid for uid, _ in datasets} - acknowledged_all)
-            leftovers = list((data / "tmp").iterdir())
+            leftovers = temp_leftovers(data)
             totals.partial_temp_files += len(leftovers)
             (data / "tmp" / f"stray-{trial}.dcm").write_bytes(b"\x00" * 700)
 
             server.start()
-            assert list((data / "tmp").iterdir()) == [], "tmp/ was not emptied at start"
+            assert temp_leftovers(data) == [], "tmp/ was not emptied at start"
             study_uid = sources.study[datasets[0][0]]
             on_disk = {uid for uid in studies_files(data) if sources.study.get(uid) == study_uid}
             wait_for(lambda: published_instances(server, study_uid) == on_disk, timeout=30,

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import RunningSCP, wait_for
+from conftest import RunningSCP, temp_leftovers, wait_for
 from dicom_factory import UID_ROOT, dataset_bytes, make_instance
 from fault_fs import fill, small_filesystem
 from fault_scu import connect, contexts_of, echo, send
@@ -75,7 +75,7 @@ def test_the_instance_that_does_not_fit_gets_out_of_resources(tmp_path: Path, wh
             first_stored = data / "studies" / study / series / f"{pydicom.dcmread(first).SOPInstanceUID}.dcm"
             assert stored_files(data) == {first_stored}, "the refused instance left a file under studies/"
             assert dataset_bytes(first_stored) == dataset_bytes(first)
-            assert list((data / "tmp").iterdir()) == [], "a partial temp file still holds space in tmp/"
+            assert temp_leftovers(data) == [], "a partial temp file still holds space in tmp/"
             assert server.process is not None and server.process.poll() is None
             assert echo(server.port), "the server does not answer C-ECHO after the full disk"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import RunningSCP
+from conftest import RunningSCP, temp_leftovers
 from dicom_factory import dataset_bytes, make_study
 from scu import associate, store
 
@@ -67,4 +67,4 @@ def test_below_the_free_disk_threshold_nothing_is_stored(scp_factory, tmp_path: 
     study = make_study(tmp_path / "g", series=(("CT", 2),), seed="no-space")
     assert send(server, study.files) == [0xA700, 0xA700]
     assert not any((server.data_dir / "studies").iterdir())
-    assert list((server.data_dir / "tmp").iterdir()) == []
+    assert temp_leftovers(server.data_dir) == []

@@ -3,13 +3,20 @@ and still pynetdicom underneath. These fail loudly when pynetdicom changes, so t
 
 from __future__ import annotations
 
+import itertools
+import struct
 import time
 from pathlib import Path
 
+import pydicom
 import pynetdicom
+import pytest
+from pydicom.uid import generate_uid
 
-from conftest import RunningSCP
-from dicom_factory import make_study
+from conftest import RunningSCP, temp_leftovers
+from dicom_factory import CT_IMAGE_STORAGE, UID_ROOT, dataset_bytes, make_instance, make_study
+from fault_dicom import EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION, RawAssociation, c_store_rq
+from fault_scu import echo
 from scp import transport
 from scu import associate, store
 
@@ -138,3 +145,79 @@ def test_parse_command_reads_a_pynetdicom_c_store_request() -> None:
     assert transport._text(elements[0x1000]) == "1.2.3.4.5.6"
     assert transport._text(elements[0x1030]) == "MOVER"
     assert transport.parse_command(command[:-3]) is None  # truncated: not ours to guess
+
+
+# -- the direct P-DATA path (PDUs read into one buffer, fragments straight to the DIMSE provider) ----------
+
+def _stored_dataset(scp: RunningSCP, sop_uid: str) -> bytes:
+    (path,) = list((scp.data_dir / "studies").rglob(f"{sop_uid}.dcm"))
+    return dataset_bytes(path)
+
+
+def _pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def test_fragments_in_any_pdu_layout_are_stored_intact(running_scp: RunningSCP, tmp_path: Path) -> None:
+    """Command and data in one PDU, a dataset cut into odd fragments spread over PDUs with several PDVs
+    each, and one PDU larger than the reused buffer grows to (over 4 MiB, beyond what we announced)."""
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    sops = [generate_uid(UID_ROOT) for _ in range(3)]
+    datasets = [dataset_bytes(make_instance(tmp_path / f"{n}.dcm", study_uid=study, series_uid=series,
+                                            sop_uid=sop, instance_number=n + 1, rows=rows, columns=rows))
+                for n, (sop, rows) in enumerate(zip(sops, (8, 64, 1700)))]
+    assoc = RawAssociation(running_scp.port, [(CT_IMAGE_STORAGE.encode(), [EXPLICIT_VR_LE])])
+    # 1: command and the whole dataset in one P-DATA-TF
+    assoc.send_pdu(0x04, _pdv(1, 0x03, c_store_rq(1, CT_IMAGE_STORAGE.encode(), sops[0].encode()))
+                   + _pdv(1, 0x02, datasets[0]))
+    assert assoc._response().status == 0x0000
+    # 2: fragments of 1, 7, 333 ... bytes, three PDVs per PDU
+    data, cuts, offset = datasets[1], [], 0
+    for size in itertools.cycle((1, 7, 333, 4096)):
+        if offset >= len(data):
+            break
+        cuts.append(data[offset:offset + size])
+        offset += size
+    pdvs = [_pdv(1, 0x00, cut) for cut in cuts[:-1]] + [_pdv(1, 0x02, cuts[-1])]
+    assoc.send_pdu(0x04, _pdv(1, 0x03, c_store_rq(2, CT_IMAGE_STORAGE.encode(), sops[1].encode())))
+    for start in range(0, len(pdvs), 3):
+        assoc.send_pdu(0x04, b"".join(pdvs[start:start + 3]))
+    assert assoc._response().status == 0x0000
+    # 3: one PDU over 4 MiB
+    assert len(datasets[2]) > transport._MAX_BUFFER
+    assoc.send_pdu(0x04, _pdv(1, 0x03, c_store_rq(3, CT_IMAGE_STORAGE.encode(), sops[2].encode())))
+    assoc.send_pdu(0x04, _pdv(1, 0x02, datasets[2]))
+    assert assoc._response().status == 0x0000
+    assert assoc.release()
+    for sop, data in zip(sops, datasets):
+        assert _stored_dataset(running_scp, sop) == data
+    running_scp.wait_for_study(study, instances=3)
+
+
+def test_echo_between_stores_on_one_association(running_scp: RunningSCP, tmp_path: Path) -> None:
+    """C-ECHO takes pynetdicom's own path (association thread), C-STORE the direct one: both answer."""
+    study = make_study(tmp_path / "g", series=(("CT", 2),), seed="mixed")
+    assoc = RawAssociation(running_scp.port, [(CT_IMAGE_STORAGE.encode(), [EXPLICIT_VR_LE]),
+                                              (VERIFICATION, [IMPLICIT_VR_LE])])
+    for path in study.files:
+        assert assoc.c_echo(3).status == 0x0000
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert assoc.c_store(1, CT_IMAGE_STORAGE.encode(), sop.encode(), dataset_bytes(path)).status == 0x0000
+    assert assoc.c_echo(3).status == 0x0000
+    assert assoc.release()
+    running_scp.wait_for_study(study.study_uid, instances=2)
+
+
+@pytest.mark.parametrize("pdu", [
+    pytest.param(struct.pack(">IB", 1, 1), id="item length below 2"),
+    pytest.param(struct.pack(">IBB", 500, 1, 0x02) + b"\0" * 10, id="item longer than its PDU"),
+    pytest.param(b"\0\0\0", id="item header cut short"),
+])
+def test_a_malformed_p_data_pdu_aborts_and_the_server_keeps_serving(running_scp: RunningSCP, pdu: bytes,
+                                                                     tmp_path: Path) -> None:
+    assoc = RawAssociation(running_scp.port, [(CT_IMAGE_STORAGE.encode(), [EXPLICIT_VR_LE])])
+    assoc.send_pdu(0x04, pdu)
+    assert assoc._response().ended in ("A-ABORT", "closed")
+    assoc.sock.close()
+    assert echo(running_scp.port)
+    assert temp_leftovers(running_scp.data_dir) == []
