@@ -496,11 +496,15 @@ class _IncomingStore:
         self.context_id = context_id
         self.command = command
         self.error: OSError | None = None  # a failed write (e.g. ENOSPC): the data is dropped, not the link
-        if temp_file is not None:
-            self.file = temp_file()
-        else:
-            fd, name = tempfile.mkstemp(suffix=".dcm")
-            self.file = TempFile(name, fd)
+        try:
+            if temp_file is not None:
+                self.file = temp_file()
+            else:
+                fd, name = tempfile.mkstemp(suffix=".dcm")
+                self.file = TempFile(name, fd)
+        except OSError as exc:  # no file to receive into (e.g. the disk is full): drop the data, answer 0xA700
+            self.file = TempFile("", -1)
+            self.error = exc
         self.path = Path(self.file.path)
         self.head = bytearray()
         # written together with the first fragment: one system call for a small instance
@@ -528,7 +532,8 @@ class _IncomingStore:
             self.file.close()
         except OSError:
             pass
-        self.path.unlink(missing_ok=True)
+        if self.file.path:
+            self.path.unlink(missing_ok=True)
 
     def finish(self) -> None:
         """The last fragment is in (a dataset without bytes still gets its file meta)."""
@@ -576,7 +581,8 @@ class _IncomingStore:
             self.file.close()
         except OSError:
             pass
-        self.path.unlink(missing_ok=True)
+        if self.file.path:
+            self.path.unlink(missing_ok=True)
 
 
 class _FastStoreDimse(DIMSEServiceProvider):

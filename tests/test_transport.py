@@ -221,3 +221,32 @@ def test_a_malformed_p_data_pdu_aborts_and_the_server_keeps_serving(running_scp:
     assoc.sock.close()
     assert echo(running_scp.port)
     assert temp_leftovers(running_scp.data_dir) == []
+
+
+def test_no_temp_file_for_a_dataset_gets_out_of_resources(tmp_path: Path) -> None:
+    """When no file can be made to receive into (the disk is full), the dataset is read and dropped and the
+    C-STORE answered 0xA700; the association and the server go on. The failure is injected where the
+    receiver asks for the file (a full disk would also fail everything after it)."""
+    from scp import StorageSCP
+
+    study = make_study(tmp_path / "g", series=(("CT", 2),), seed="no-temp")
+    with StorageSCP(tmp_path / "data") as scp:
+        listener = scp._server.listener  # type: ignore[union-attr]
+        calls = []
+
+        def full() -> None:
+            calls.append(1)
+            raise OSError(28, "No space left on device")
+
+        listener.temp_file = full  # type: ignore[method-assign]
+        assoc = associate(scp.port, study.files)
+        try:
+            assert store(assoc, study.files[0]) == 0xA700
+            del listener.temp_file  # space again
+            assert store(assoc, study.files[1]) == 0x0000
+        finally:
+            assoc.release()
+        assert calls == [1]
+        second = pydicom.dcmread(study.files[1], stop_before_pixels=True).SOPInstanceUID
+        assert [p.name for p in scp.stored_files(study.study_uid)] == [f"{second}.dcm"]
+        assert temp_leftovers(scp.data_dir) == []
