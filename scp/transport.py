@@ -130,6 +130,7 @@ class _EventDrivenDUL(DULServiceProvider):
         self.to_provider_queue = _NotifyingQueue(self._wake)
         self.to_user_queue = _NotifyingQueue(wake_association)
         self._buffer = bytearray(1 << 17)  # one PDU at a time; grows for larger PDUs
+        self._readable = False  # the last wait saw the socket readable
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -202,12 +203,22 @@ class _EventDrivenDUL(DULServiceProvider):
             readable, _, _ = select.select(waitables, [], [], _IDLE_WAIT)
         except (OSError, ValueError):
             return  # the socket went away: the next loop's checks report it
+        self._readable = sock is not None and sock in readable
         if self._wake_r in readable:
             try:
                 while os.read(self._wake_r, 4096):
                     pass
             except BlockingIOError:
                 pass
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's check, minus its own ``select`` when the wait just said the socket is readable."""
+        if self._readable and self.state_machine.current_state != "Sta13":
+            self._readable = False
+            self._read_pdu_data()
+            return True
+        self._readable = False
+        return bool(super()._is_transport_event())
 
     # -- P-DATA-TF without pynetdicom's PDU objects and state machine -----------------------------
 

@@ -36,8 +36,14 @@ def test_the_adapted_internals_still_exist() -> None:
     for name in ("_run_reactor", "_serve_request", "_reactor_checkpoint", "_kill", "_is_paused"):
         assert hasattr(Association, name) or name in Association.__init__.__code__.co_names, name
     for name in ("run_reactor", "_process_recv_primitive", "_is_transport_event", "kill_dul", "_idle_timer",
-                 "artim_timer", "event_queue", "to_provider_queue", "to_user_queue", "state_machine"):
+                 "artim_timer", "event_queue", "to_provider_queue", "to_user_queue", "state_machine",
+                 "_read_pdu_data", "_decode_pdu", "_recv_pdu", "socket"):
         assert hasattr(DULServiceProvider, name) or name in DULServiceProvider.__init__.__code__.co_names, name
+    # the direct P-DATA path replaces _read_pdu_data, which _is_transport_event calls to read a PDU
+    assert "_read_pdu_data" in DULServiceProvider._is_transport_event.__code__.co_names
+    from pynetdicom.dimse import DIMSEServiceProvider
+    for name in ("message", "msg_queue", "maximum_pdu_size", "receive_primitive", "send_msg"):
+        assert hasattr(DIMSEServiceProvider, name) or name in DIMSEServiceProvider.__init__.__code__.co_names, name
     assert hasattr(RequestHandler, "_create_association")
 
 
