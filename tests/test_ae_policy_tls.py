@@ -6,10 +6,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from conftest import AET, RunningSCP, dcmtk, free_port, wait_for
-from dicom_factory import make_study
+from dicom_factory import UID_ROOT, dataset_bytes, make_instance, make_study
 from scp.ae_policy import AEPolicy, CallingAE, RejectReason
 
 
@@ -98,6 +100,19 @@ def test_tls_with_a_trusted_client_certificate(scp_factory, pki: Path, tmp_path:
         capture_output=True, text=True, timeout=60)
     assert with_cert.returncode == 0, with_cert.stderr
     assert server.wait_for_study(study.study_uid, instances=3)["numberOfInstances"] == 3
+
+    # an instance of many PDUs and TLS records: read as the records arrive, stored intact
+    big = make_instance(tmp_path / "big.dcm", study_uid=study.study_uid, series_uid=generate_uid(UID_ROOT),
+                        sop_uid=generate_uid(UID_ROOT), rows=700, columns=700)
+    sent = subprocess.run(
+        [dcmtk("storescu"), "-aec", AET, "+tls", str(pki / "client.key"), str(pki / "client.pem"),
+         "+cf", str(pki / "ca.pem"), "127.0.0.1", str(tls_port), str(big)],
+        capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert server.wait_for_study(study.study_uid, instances=4)["numberOfInstances"] == 4
+    sop = pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID
+    (stored,) = (server.data_dir / "studies").rglob(f"{sop}.dcm")
+    assert dataset_bytes(stored) == dataset_bytes(big) and len(dataset_bytes(big)) > 900_000
 
     anonymous = subprocess.run(
         [dcmtk("storescu"), "-aec", AET, "+tla", "+cf", str(pki / "ca.pem"), "127.0.0.1", str(tls_port),
