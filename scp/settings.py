@@ -15,11 +15,14 @@ import re
 import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import orjson
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -101,8 +104,9 @@ class Settings(BaseSettings):
     wado_rs_url: str | None = Field(None, description="DICOMweb WADO-RS base URL for ImagingStudy.endpoint")
     timezone: str | None = Field(None, description="IANA zone for DICOM times without an offset (default: host)")
     # FHIR servers (scp/sinks/fhir_server.py) and the outbox in front of every sink (scp/outbox.py)
-    fhir_url: list[str] = Field(default_factory=list, description="FHIR server base URLs to publish to "
-                                "(env: a JSON list)")
+    fhir_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="FHIR server base URLs to publish to (env: one URL, several separated by "
+        "commas or spaces, or a JSON list)")
     fhir_token: str | None = Field(None, description="bearer token for the FHIR servers")
     fhir_token_file: Path | None = Field(None, description="file holding the bearer token (first line)")
     fhir_username: str | None = Field(None, description="HTTP basic user for the FHIR servers")
@@ -161,6 +165,20 @@ class Settings(BaseSettings):
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"https?://\S+$", value):
             raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("fhir_url", mode="before")
+    @classmethod
+    def _split_fhir_urls(cls, value: Any) -> Any:
+        """The environment gives one string: a JSON list, or URLs separated by commas or spaces."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return orjson.loads(text)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list of URLs: {exc}") from None
+            return [part for part in re.split(r"[,\s]+", text) if part]
         return value
 
     @field_validator("fhir_url")

@@ -131,3 +131,22 @@ def test_fhir_settings_from_flags_env_and_file(tmp_path: Path) -> None:
                                                                     "fhir_password": "p"}):
         with pytest.raises(SettingsError):
             load_settings(bad, search_default=False, environment=False)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("http://a.example/fhir", ["http://a.example/fhir"]),
+    ("http://a.example/fhir, https://b.example/r4/", ["http://a.example/fhir", "https://b.example/r4"]),
+    ("http://a.example/fhir https://b.example", ["http://a.example/fhir", "https://b.example"]),
+    ('["http://a.example/fhir"]', ["http://a.example/fhir"]),
+])
+def test_fhir_url_from_the_environment_needs_no_json(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                      expected: list[str]) -> None:
+    """A container's `-e IMAGINGSTUDY_SCP_FHIR_URL=http://hapi:8080/fhir` just works; JSON lists still do."""
+    monkeypatch.setenv("IMAGINGSTUDY_SCP_FHIR_URL", value)
+    assert load_settings(None, None, search_default=False).fhir_url == expected
+
+
+def test_a_broken_json_list_of_fhir_urls_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGINGSTUDY_SCP_FHIR_URL", '["http://a.example/fhir"')
+    with pytest.raises(SettingsError, match="fhir_url"):
+        load_settings(None, None, search_default=False)
