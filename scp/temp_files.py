@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger("scp.spare_files")
+log = logging.getLogger("scp.temp_files")
 
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _WRITEBACK_MIN = 64 * 1024  # start write-back once this much is written and not yet started
