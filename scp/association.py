@@ -8,9 +8,10 @@ into a temp file in the store's tmp dir (same filesystem), handed to
 indexed. With the event-driven transport (the default) the listener is the
 transport's :class:`~scp.transport.StoreHandler`: it hands out the spare temp
 files and stores each request on the thread that read it; with
-``--stock-transport`` the same storing runs as pynetdicom's EVT_C_STORE handler. When an association ends — released, aborted or dropped — its report
-(with the studies it touched) goes to ``on_end`` on the association's thread;
-that callback must only enqueue work.
+``--stock-transport`` the same storing runs as pynetdicom's EVT_C_STORE handler.
+When an association ends — released, aborted or dropped — its report (with the
+studies it touched) goes to ``on_end`` on the association's thread; that
+callback must only enqueue work.
 """
 
 from __future__ import annotations
