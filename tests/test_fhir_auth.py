@@ -4,6 +4,7 @@ the release read from /metadata, how refusals are classified; and the settings t
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +151,15 @@ def test_a_broken_json_list_of_fhir_urls_names_the_key(monkeypatch: pytest.Monke
     monkeypatch.setenv("IMAGINGSTUDY_SCP_FHIR_URL", '["http://a.example/fhir"')
     with pytest.raises(SettingsError, match="fhir_url"):
         load_settings(None, None, search_default=False)
+
+
+def test_credentials_in_a_fhir_url_stay_out_of_messages(tmp_path: Path) -> None:
+    """Basic credentials can be given per server as user:password@ in its URL; no message repeats them."""
+    with closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    sink = FhirServerSink(f"http://alice:s3cret@127.0.0.1:{port}/fhir", timeout=2)
+    assert sink.name == f"fhir:http://127.0.0.1:{port}/fhir" and "s3cret" not in sink.shown_url
+    with pytest.raises(DeliveryError) as refused:
+        sink.fhir_version()  # asks the server's CapabilityStatement: connection refused
+    assert "s3cret" not in str(refused.value) and f"127.0.0.1:{port}/fhir/metadata" in str(refused.value)

@@ -63,6 +63,7 @@ class FhirServerSink:
                  ca_bundle: Path | None = None, timeout: float = 30.0, log_phi: bool = False) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = sink_name(self.base_url)
+        self.shown_url = self.name.removeprefix("fhir:")  # the base URL without user:password, for messages
         self._configured = version
         self._discovered: FhirVersion | None = None
         self._token = token
@@ -92,9 +93,9 @@ class FhirServerSink:
                 declared = _json(answer).get("fhirVersion")
                 self._discovered = FhirVersion.parse(str(declared))
             except (ValueError, AttributeError) as exc:
-                raise DeliveryError(f"{self.base_url}/metadata: no usable fhirVersion ({exc})", retryable=False,
+                raise DeliveryError(f"{self.shown_url}/metadata: no usable fhirVersion ({exc})", retryable=False,
                                     status=answer.status_code) from None
-            log.info("FHIR server %s speaks FHIR %s (CapabilityStatement.fhirVersion)", self.base_url,
+            log.info("FHIR server %s speaks FHIR %s (CapabilityStatement.fhirVersion)", self.shown_url,
                      self._discovered)
         return self._discovered
 
@@ -122,13 +123,13 @@ class FhirServerSink:
         failed = [e for e in entries if e["status"] is not None and not e["status"].startswith("2")]
         if failed:
             status = int(failed[0]["status"][:3]) if failed[0]["status"][:3].isdigit() else None
-            raise DeliveryError(f"{self.base_url}: transaction answered {answer.status_code} but entries failed: "
+            raise DeliveryError(f"{self.shown_url}: transaction answered {answer.status_code} but entries failed: "
                                 f"{failed}", retryable=status is None or retryable_status(status), status=status,
                                 fields={"sent": built.requests, "entries": entries})
         shown = ", ".join(f"{e['resource'] or e['request']} v{e['version'] or '?'} ({e['status'] or '?'})"
                           for e in entries)
-        return Delivery(self.name, f"{self.base_url} {answer.status_code} in {seconds:.3f}s: {shown}",
-                        fields={"url": self.base_url, "status": answer.status_code, "sent": built.requests,
+        return Delivery(self.name, f"{self.shown_url} {answer.status_code} in {seconds:.3f}s: {shown}",
+                        fields={"url": self.shown_url, "status": answer.status_code, "sent": built.requests,
                                 "entries": entries, "request_seconds": round(seconds, 6)})
 
     # -- HTTP --------------------------------------------------------------------------------
@@ -142,7 +143,8 @@ class FhirServerSink:
         try:
             return self._client.request(method, url, content=content, headers=headers)
         except httpx.HTTPError as exc:  # no answer: connection refused, timeout, TLS, protocol error
-            raise DeliveryError(f"{method} {url}: {type(exc).__name__}: {exc}", retryable=True,
+            said = f"{method} {url}: {type(exc).__name__}: {exc}".replace(self.base_url, self.shown_url)
+            raise DeliveryError(said, retryable=True,
                                 fields={"sent": list(sent)} if sent else None) from None
 
     def _bearer(self) -> str | None:
@@ -166,7 +168,7 @@ class FhirServerSink:
         except ValueError:
             pass
         said = _outcome_text(outcome) if outcome else answer.text[:500].strip()
-        return DeliveryError(f"{self.base_url}: {what} answered {status} {answer.reason_phrase}"
+        return DeliveryError(f"{self.shown_url}: {what} answered {status} {answer.reason_phrase}"
                              + (f": {said}" if said else ""),
                              retryable=retryable_status(status), status=status, outcome=outcome,
                              retry_after=_retry_after(answer.headers.get("Retry-After")),
