@@ -236,7 +236,13 @@ class Settings(BaseSettings):
     def effective(self) -> dict[str, Any]:
         """Every key with its value as the server uses it, secrets masked (for `config`)."""
         values = self.model_dump(mode="json")
+        values["fhir_url"] = [_mask_password(url) for url in values["fhir_url"]]
         return {k: ("***" if k in SECRET_KEYS and v else v) for k, v in values.items()}
+
+
+def _mask_password(url: str) -> str:
+    """``url`` with the password of a user:password@ part replaced by ***."""
+    return re.sub(r"^(https?://[^/@:]*):[^/@]*@", r"\1:***@", url)
 
 
 def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None,

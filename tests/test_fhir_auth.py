@@ -163,3 +163,10 @@ def test_credentials_in_a_fhir_url_stay_out_of_messages(tmp_path: Path) -> None:
     with pytest.raises(DeliveryError) as refused:
         sink.fhir_version()  # asks the server's CapabilityStatement: connection refused
     assert "s3cret" not in str(refused.value) and f"127.0.0.1:{port}/fhir/metadata" in str(refused.value)
+
+
+def test_config_masks_a_password_in_a_fhir_url() -> None:
+    settings = load_settings({"fhir_url": ["https://alice:s3cret@h.example/fhir", "http://h2.example/fhir"]},
+                             None, search_default=False, environment=False)
+    assert settings.effective()["fhir_url"] == ["https://alice:***@h.example/fhir", "http://h2.example/fhir"]
+    assert settings.fhir_url[0] == "https://alice:s3cret@h.example/fhir"  # the sink still gets it
