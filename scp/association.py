@@ -253,7 +253,7 @@ class Listener:
         received = StoreRequest(
             message_id=request.MessageID, sop_class_uid=str(request.AffectedSOPClassUID or ""),
             sop_instance_uid=str(request.AffectedSOPInstanceUID or ""), path=path, size=path.stat().st_size,
-            head=b"", receive_error=getattr(request, "_receive_error", None),  # set by scp.transport
+            head=b"",
         )
         status, comment = self.store(event.assoc, received)
         if status == 0x0000:

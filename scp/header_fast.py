@@ -308,13 +308,7 @@ class _Reader:
                     if not complete:
                         raise _NeedMore
                     raise Fallback("file ends in a needed value")
-                if length:
-                    value: bytes | None = data[position:end]
-                else:
-                    value = b"" if vr in _EMPTY_AS_BYTES else None
-                if tag == CHARSET:
-                    check_charset(vr, value)
-                found[tag] = (vr, value, implicit)
+                found[tag] = (vr, _value(data, position, end, vr, tag), implicit)
                 position = end
                 continue
             if tag == CHARSET:
@@ -428,12 +422,7 @@ class _Reader:
                 if value_end > end:
                     self._short(value_end, end)
                 if found is not None or tag == CHARSET:
-                    if value_length:
-                        value: bytes | None = data[position:value_end]
-                    else:
-                        value = b"" if vr in _EMPTY_AS_BYTES else None
-                    if tag == CHARSET:
-                        check_charset(vr, value)
+                    value = _value(data, position, value_end, vr, tag)
                     if found is not None:
                         found[tag] = (vr, value, implicit)
                 position = value_end
@@ -472,6 +461,15 @@ class _Reader:
 
 
 _CHARSETS_READ: dict[bytes, bool] = {}
+
+
+def _value(data: Any, start: int, end: int, vr: str | None, tag: int) -> bytes | None:
+    """An element's value as pydicom's raw element holds it: the bytes, or for an empty value ``b""`` or
+    None by VR; a Specific Character Set is checked as it is read."""
+    value = data[start:end] if end > start else (b"" if vr in _EMPTY_AS_BYTES else None)
+    if tag == CHARSET:
+        check_charset(vr, value)
+    return value
 
 
 def check_charset(vr: str | None, value: bytes | None) -> None:

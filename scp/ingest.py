@@ -88,7 +88,8 @@ class Ingest:
         self.duplicate_policy = duplicate_policy
 
     def accept(self, temp_path: str | os.PathLike[str], *, sop_instance_uid: str | None,
-               sop_class_uid: str | None, provenance: Provenance, head: bytes = b"", fd: int | None = None,
+               sop_class_uid: str | None, provenance: Provenance, head: bytes | bytearray = b"",
+               fd: int | None = None,
                size: int | None = None) -> Accepted:
         """Store the dataset at ``temp_path`` (a Part-10 file in the store's tmp dir).
 
@@ -162,7 +163,8 @@ class Ingest:
 
     @staticmethod
     def _header(temp_path: str | os.PathLike[str], sop_instance_uid: str | None,
-                sop_class_uid: str | None, head: bytes = b"", size: int | None = None) -> InstanceHeader:
+                sop_class_uid: str | None, head: bytes | bytearray = b"",
+                size: int | None = None) -> InstanceHeader:
         try:
             header = read_header(temp_path, head, size)
         except HeaderError as exc:

@@ -239,19 +239,17 @@ class Outbox:
         arrived meanwhile: the row then stays pending, due now, for that revision."""
         now = time.time() if now is None else now
         with self._lock:
-            self._db.execute(
+            rows = self._db.execute(
                 "UPDATE outbox SET state = CASE WHEN revision = ? THEN 'delivered' ELSE 'pending' END, "
                 "ended_at = CASE WHEN revision = ? THEN NULL ELSE last_ended_at END, "
                 "last_ended_at = CASE WHEN revision = ? THEN NULL ELSE last_ended_at END, "
                 "queued_at = CASE WHEN revision = ? THEN NULL ELSE ? END, "
                 "attempts = 0, next_attempt_at = ?, last_error = NULL, last_status = NULL, outcome = NULL, "
                 "tried_count = ?, tried_up_to = ?, delivered_count = ?, delivered_up_to = ?, delivered_at = ?, "
-                "updated_at = ? WHERE sink = ? AND study_uid = ?",
+                "updated_at = ? WHERE sink = ? AND study_uid = ? RETURNING state",
                 (item.revision, item.revision, item.revision, item.revision, now, now, count, up_to, count, up_to,
-                 now, now, item.sink, item.study_uid))
-            row = self._db.execute("SELECT state FROM outbox WHERE sink = ? AND study_uid = ?",
-                                   (item.sink, item.study_uid)).fetchone()
-        return row is not None and row[0] == DELIVERED
+                 now, now, item.sink, item.study_uid)).fetchall()
+        return bool(rows) and rows[0][0] == DELIVERED
 
     def failed(self, item: OutboxItem, *, delay: float, error: str, status: int | None = None,
                outcome: str | None = None, count: int | None = None, up_to: float | None = None,
@@ -259,14 +257,15 @@ class Outbox:
         """A retryable failure: try again in ``delay`` seconds. Returns the attempts made so far."""
         now = time.time() if now is None else now
         with self._lock:
-            self._db.execute(
+            rows = self._db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, last_status = ?, "
                 "outcome = ?, tried_count = coalesce(?, tried_count), tried_up_to = coalesce(?, tried_up_to), "
-                "updated_at = ? WHERE sink = ? AND study_uid = ? AND state = 'pending'",
-                (now + delay, error, status, outcome, count, up_to, now, item.sink, item.study_uid))
-            row = self._db.execute("SELECT attempts FROM outbox WHERE sink = ? AND study_uid = ?",
-                                   (item.sink, item.study_uid)).fetchone()
-        return int(row[0]) if row else 0
+                "updated_at = ? WHERE sink = ? AND study_uid = ? AND state = 'pending' RETURNING attempts",
+                (now + delay, error, status, outcome, count, up_to, now, item.sink, item.study_uid)).fetchall()
+            if not rows:  # no longer pending (e.g. delivered meanwhile by `publish`): report as it stands
+                rows = self._db.execute("SELECT attempts FROM outbox WHERE sink = ? AND study_uid = ?",
+                                       (item.sink, item.study_uid)).fetchall()
+        return int(rows[0][0]) if rows else 0
 
     def dead(self, item: OutboxItem, *, error: str, status: int | None = None, outcome: str | None = None,
              count: int | None = None, up_to: float | None = None, now: float | None = None) -> bool:
@@ -274,14 +273,12 @@ class Outbox:
         (that one gets its own attempt, now). True when the item is dead."""
         now = time.time() if now is None else now
         with self._lock:
-            self._db.execute(
+            rows = self._db.execute(
                 "UPDATE outbox SET state = CASE WHEN revision = ? THEN 'dead' ELSE 'pending' END, "
                 "attempts = attempts + 1, next_attempt_at = ?, last_error = ?, last_status = ?, outcome = ?, "
-                "tried_count = ?, tried_up_to = ?, updated_at = ? WHERE sink = ? AND study_uid = ?",
-                (item.revision, now, error, status, outcome, count, up_to, now, item.sink, item.study_uid))
-            row = self._db.execute("SELECT state FROM outbox WHERE sink = ? AND study_uid = ?",
-                                   (item.sink, item.study_uid)).fetchone()
-        return row is not None and row[0] == DEAD
+                "tried_count = ?, tried_up_to = ?, updated_at = ? WHERE sink = ? AND study_uid = ? RETURNING state",
+                (item.revision, now, error, status, outcome, count, up_to, now, item.sink, item.study_uid)).fetchall()
+        return bool(rows) and rows[0][0] == DEAD
 
     def drop(self, item: OutboxItem) -> None:
         """Forget an item whose study is gone (no stored instances left)."""

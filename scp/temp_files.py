@@ -67,11 +67,6 @@ class TempFile:
         self._writeback = writeback and _sync_file_range is not None
         self._started = 0  # write-back was asked for up to here
 
-    @property
-    def name(self) -> str:
-        """The path (as a named temporary file has it: pynetdicom's service class removes it by name)."""
-        return self.path
-
     def write(self, *parts: bytes | bytearray | memoryview) -> None:
         """Append ``parts`` (all of them, in one system call when it can, or raise OSError)."""
         total = sum(len(part) for part in parts)
@@ -85,12 +80,6 @@ class TempFile:
             _sync_file_range(self.fd, self._started, self.size - self._started,  # type: ignore[misc]
                              _SYNC_FILE_RANGE_WRITE)
             self._started = self.size
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def flush(self) -> None:
-        """Nothing is buffered here (pynetdicom's service class may call it)."""
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -20,7 +20,7 @@ That, the only traffic whose volume grows with the study, takes a short path on 
   written from precomputed bytes, the first bytes also kept in memory for the header read);
 - with a :class:`StoreHandler` (the server's), the request is answered right there on the DUL thread and
   the C-STORE-RSP, encoded directly, is sent at once: no hand-off to the association thread and back, no
-  service class, no event objects. Without one, the request goes to pynetdicom's storage service class.
+  service class, no event objects. Without one, only the waits are event-driven.
 
 Every other message, and anything unexpected, takes pynetdicom's own path. Idle associations stay cheap
 (a wake-up every 50 ms to check timers). The adaptation applies only to the pynetdicom versions in
@@ -30,14 +30,12 @@ fail loudly, so the pin is revisited rather than silently ignored).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import queue
 import select
 import ssl
 import struct
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,7 +73,7 @@ class StoreRequest:
     sop_instance_uid: str
     path: Path
     size: int
-    head: bytes
+    head: bytes | bytearray
     fd: int | None = None
     receive_error: OSError | None = None  # a failed write (e.g. ENOSPC): answer with a failure status
 
@@ -131,6 +129,7 @@ class _EventDrivenDUL(DULServiceProvider):
         self.to_user_queue = _NotifyingQueue(wake_association)
         self._buffer = bytearray(1 << 17)  # one PDU at a time; grows for larger PDUs
         self._readable = False  # the last wait saw the socket readable
+        self.direct = False  # P-DATA to the short path (set when the DIMSE provider is a _FastStoreDimse)
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -239,7 +238,8 @@ class _EventDrivenDUL(DULServiceProvider):
         body = self._recv_exactly(length)
         if body is None:
             return
-        if pdu_type == 0x04 and self.state_machine.current_state == "Sta6" and self.event_queue.empty():
+        if (pdu_type == 0x04 and self.direct and self.state_machine.current_state == "Sta6"
+                and self.event_queue.empty()):
             self._p_data(body)
             return
         try:
@@ -252,51 +252,47 @@ class _EventDrivenDUL(DULServiceProvider):
         self._recv_pdu.put(pdu)
 
     def _recv_exactly(self, size: int) -> memoryview | None:
-        """``size`` bytes from the socket into the reused buffer; None (and Evt17) when the link breaks.
+        """``size`` bytes from the socket; None (and Evt17) when the link breaks first.
 
-        The buffer grows to the largest PDU seen up to :data:`_MAX_BUFFER`; a larger (announced)
-        length is read into memory only as the bytes arrive, as pynetdicom does.
+        They go into the reused buffer, which grows to the largest PDU seen up to :data:`_MAX_BUFFER`;
+        a larger (announced) length is read into memory only as the bytes arrive, as pynetdicom does.
         """
         sock = self.socket.socket  # type: ignore[union-attr]
-        if size > _MAX_BUFFER:
-            return self._recv_large(sock, size)
-        if len(self._buffer) < size:
-            self._buffer = bytearray(max(size, min(2 * len(self._buffer), _MAX_BUFFER)))
-        view = memoryview(self._buffer)[:size]
-        got = 0
         try:
-            while got < size:
-                count = sock.recv_into(view[got:], size - got)
-                if not count:
-                    break
-                got += count
-        except (OSError, TimeoutError) as exc:
-            log.error("connection closed before the entire PDU was received: %s", exc)
-            self.event_queue.put("Evt17")
-            return None
-        if got < size:
-            if got or size != 6:
-                log.error("the received PDU is shorter than expected (%d of %d bytes)", got, size)
-            self.event_queue.put("Evt17")
-            return None
-        return view
-
-    def _recv_large(self, sock: Any, size: int) -> memoryview | None:
-        data = bytearray()
-        try:
-            while len(data) < size:
-                chunk = sock.recv(min(size - len(data), _MAX_BUFFER))
-                if not chunk:
-                    break
-                data += chunk
+            data = self._recv_large(sock, size) if size > _MAX_BUFFER else self._recv_into_buffer(sock, size)
         except (OSError, TimeoutError) as exc:
             log.error("connection closed before the entire PDU was received: %s", exc)
             self.event_queue.put("Evt17")
             return None
         if len(data) < size:
-            log.error("the received PDU is shorter than expected (%d of %d bytes)", len(data), size)
+            if len(data) or size != 6:  # nothing at all where a PDU would start: the peer just closed
+                log.error("the received PDU is shorter than expected (%d of %d bytes)", len(data), size)
             self.event_queue.put("Evt17")
             return None
+        return data
+
+    def _recv_into_buffer(self, sock: Any, size: int) -> memoryview:
+        """Up to ``size`` bytes into the reused buffer (fewer only when the peer closed)."""
+        if len(self._buffer) < size:
+            self._buffer = bytearray(max(size, min(2 * len(self._buffer), _MAX_BUFFER)))
+        view = memoryview(self._buffer)[:size]
+        got = 0
+        while got < size:
+            count = sock.recv_into(view[got:], size - got)
+            if not count:
+                break
+            got += count
+        return view[:got]
+
+    @staticmethod
+    def _recv_large(sock: Any, size: int) -> memoryview:
+        """Up to ``size`` bytes into a new buffer that grows as they arrive (fewer only when the peer closed)."""
+        data = bytearray()
+        while len(data) < size:
+            chunk = sock.recv(min(size - len(data), _MAX_BUFFER))
+            if not chunk:
+                break
+            data += chunk
         return memoryview(data)
 
     def _p_data(self, body: memoryview) -> None:
@@ -445,30 +441,26 @@ def _even(value: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
+_META_VERSION = _explicit((0x0002, 0x0001), b"OB", b"\x00\x01")
+_META_IMPLEMENTATION = (  # the same for every file: encoded once
+    _explicit((0x0002, 0x0012), b"UI", _even(str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID), b"\x00"))
+    + _explicit((0x0002, 0x0013), b"SH", _even(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION, b" ")))
+
+
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     """Preamble, prefix and file meta group of a Part-10 file, as pynetdicom's chunked receive writes them."""
     body = b"".join((
-        _explicit((0x0002, 0x0001), b"OB", b"\x00\x01"),
+        _META_VERSION,
         _explicit((0x0002, 0x0002), b"UI", _even(sop_class, b"\x00")),
         _explicit((0x0002, 0x0003), b"UI", _even(sop_instance, b"\x00")),
         _explicit((0x0002, 0x0010), b"UI", _even(transfer_syntax, b"\x00")),
-        _explicit((0x0002, 0x0012), b"UI", _even(str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID), b"\x00")),
-        _explicit((0x0002, 0x0013), b"SH", _even(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _META_IMPLEMENTATION,
     ))
     return b"\x00" * 128 + b"DICM" + _explicit((0x0002, 0x0000), b"UL", struct.pack("<I", len(body))) + body
 
 
 def _implicit(element: int, value: bytes) -> bytes:
     return _ELEMENT.pack(0x0000, element, len(value)) + value
-
-
-def store_response(primitive: C_STORE) -> bytes | None:
-    """The command set of a C-STORE-RSP, or None when it carries something only pynetdicom encodes."""
-    if primitive.OffendingElement is not None:
-        return None
-    return store_response_command(
-        int(primitive.MessageIDBeingRespondedTo), str(primitive.AffectedSOPClassUID or ""),
-        str(primitive.AffectedSOPInstanceUID or ""), int(primitive.Status), primitive.ErrorComment or None)
 
 
 def store_response_command(message_id: int, sop_class: str, sop_instance: str, status: int,
@@ -503,16 +495,12 @@ class _IncomingStore:
     """A C-STORE-RQ whose dataset is being streamed into a temp file (the chunked-receive file)."""
 
     def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax: str,
-                 temp_file: Callable[[], TempFile] | None = None) -> None:
+                 temp_file: Callable[[], TempFile]) -> None:
         self.context_id = context_id
         self.command = command
         self.error: OSError | None = None  # a failed write (e.g. ENOSPC): the data is dropped, not the link
         try:
-            if temp_file is not None:
-                self.file = temp_file()
-            else:
-                fd, name = tempfile.mkstemp(suffix=".dcm")
-                self.file = TempFile(name, fd)
+            self.file = temp_file()
         except OSError as exc:  # no file to receive into (e.g. the disk is full): drop the data, answer 0xA700
             self.file = TempFile("", -1)
             self.error = exc
@@ -557,34 +545,10 @@ class _IncomingStore:
             message_id=_unsigned(self.command.get(0x0110)) or 0,
             sop_class_uid=_text(self.command.get(0x0002)) or "",
             sop_instance_uid=_text(self.command.get(0x1000)) or "",
-            path=self.path, size=self.file.size, head=bytes(self.head),
+            path=self.path, size=self.file.size, head=self.head,  # the header reader copies what it keeps
             fd=self.file.fd if self.error is None else None,
             receive_error=self.error,
         )
-
-    def primitive(self) -> C_STORE:
-        """The C-STORE request as pynetdicom's service class expects it (dataset in ``_dataset_path``).
-
-        After a failed write, ``_receive_error`` carries the error for the handler to answer with.
-        """
-        self.finish()
-        request = C_STORE()
-        request.MessageID = _unsigned(self.command.get(0x0110))
-        request.AffectedSOPClassUID = _text(self.command.get(0x0002))
-        request.AffectedSOPInstanceUID = _text(self.command.get(0x1000))
-        request.Priority = _unsigned(self.command.get(0x0700)) or 0
-        originator = _text(self.command.get(0x1030))
-        if originator:
-            request.MoveOriginatorApplicationEntityTitle = originator
-        originator_id = _unsigned(self.command.get(0x1031))
-        if originator_id is not None:
-            request.MoveOriginatorMessageID = originator_id
-        request.DataSet = io.BytesIO()  # empty, as in pynetdicom's chunked receive: the data is in the file
-        request._context_id = self.context_id
-        request._dataset_path = self.path
-        request._dataset_file = self.file  # type: ignore[assignment]
-        request._receive_error = self.error  # type: ignore[attr-defined]
-        return request
 
     def discard(self) -> None:
         """Close the file and remove it unless the handler moved it into the store."""
@@ -601,7 +565,7 @@ class _FastStoreDimse(DIMSEServiceProvider):
 
     _command: bytearray
     _store: _IncomingStore | None
-    _handler: StoreHandler | None  # None: C-STOREs go to pynetdicom's service class on the association thread
+    _handler: StoreHandler
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         for context_id, data in primitive.presentation_data_value_list:
@@ -620,17 +584,7 @@ class _FastStoreDimse(DIMSEServiceProvider):
             self._store.write(memoryview(data)[1:])
             if control & 2:
                 store, self._store = self._store, None
-                if self._handler is not None:
-                    self._serve(store, self._handler)
-                    return
-                try:
-                    request = store.primitive()
-                except Exception as exc:  # e.g. an Affected SOP Instance UID pynetdicom refuses (> 64 chars)
-                    log.warning("invalid C-STORE request (%s): aborting the association", exc)
-                    store.discard()
-                    self.dul.event_queue.put("Evt19")  # unrecognised PDU parameter: A-ABORT
-                    return
-                self.msg_queue.put((store.context_id, request))
+                self._serve(store)
         elif control & 1:
             self._command += memoryview(data)[1:]
             if control & 2:
@@ -646,16 +600,14 @@ class _FastStoreDimse(DIMSEServiceProvider):
                 or _unsigned(elements.get(0x0800)) == _NO_DATASET):
             self._stock(context_id, b"\x03" + bytes(command))
             return
-        handler = self._handler
-        self._store = _IncomingStore(context_id, elements, str(context.transfer_syntax[0]),
-                                     handler.temp_file if handler is not None else None)
+        self._store = _IncomingStore(context_id, elements, str(context.transfer_syntax[0]), self._handler.temp_file)
 
-    def _serve(self, store: _IncomingStore, handler: StoreHandler) -> None:
+    def _serve(self, store: _IncomingStore) -> None:
         """Answer a fully received C-STORE here and now (on the DUL thread)."""
         store.finish()
         request = store.request()
         try:
-            status, comment = handler.store(self.assoc, request)
+            status, comment = self._handler.store(self.assoc, request)
         finally:
             store.discard()
         command = store_response_command(request.message_id, request.sop_class_uid, request.sop_instance_uid,
@@ -678,23 +630,12 @@ class _FastStoreDimse(DIMSEServiceProvider):
         pdata.presentation_data_value_list = [[context_id, bytes(data)]]  # a view's buffer is reused
         super().receive_primitive(pdata)
 
-    def send_msg(self, primitive: Any, context_id: int) -> None:
-        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
-            command = store_response(primitive)
-            limit = self.maximum_pdu_size
-            if command is not None and (not limit or len(command) + 7 <= limit):
-                pdata = P_DATA()
-                pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]
-                self.dul.send_pdu(pdata)
-                return
-        super().send_msg(primitive, context_id)
 
-
-def _make_event_driven(assoc: Association, handler: StoreHandler | None = None) -> Association:
+def _make_event_driven(assoc: Association, handler: StoreHandler | None) -> Association:
     """Turn a freshly created (not yet started) acceptor into the event-driven variant.
 
-    With a ``handler``, C-STORE requests are answered by it on the DUL thread; without, they go to
-    pynetdicom's storage service class (and the EVT_C_STORE handler) on the association thread.
+    With a ``handler``, C-STORE requests take the short path and are answered by it on the DUL thread;
+    without one, only the waits are event-driven and every message takes pynetdicom's own path.
     """
     wake = threading.Event()
     old_dul = assoc.dul
@@ -707,10 +648,12 @@ def _make_event_driven(assoc: Association, handler: StoreHandler | None = None) 
     assoc._wake_event = wake  # type: ignore[attr-defined]
     assoc.dul = dul
     assoc.dimse.msg_queue = _NotifyingQueue(wake.set)
-    assoc.dimse.__class__ = _FastStoreDimse
-    assoc.dimse._command = bytearray()  # type: ignore[attr-defined]
-    assoc.dimse._store = None  # type: ignore[attr-defined]
-    assoc.dimse._handler = handler  # type: ignore[attr-defined]
+    if handler is not None:
+        dul.direct = True
+        assoc.dimse.__class__ = _FastStoreDimse
+        assoc.dimse._command = bytearray()  # type: ignore[attr-defined]
+        assoc.dimse._store = None  # type: ignore[attr-defined]
+        assoc.dimse._handler = handler  # type: ignore[attr-defined]
     return assoc
 
 
