@@ -35,11 +35,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.ae_policy import AEPolicy
-from scp.ingest import PROCESSING_FAILURE, Ingest, Rejected, error_comment, receive_failure_status
+from scp.ingest import (CANNOT_UNDERSTAND, PROCESSING_FAILURE, Ingest, Rejected, error_comment,
+                        receive_failure_status)
 from scp.metrics import Metrics
 from scp.records import Provenance
 from scp.temp_files import SpareFiles, TempFile
 from scp.transport import EventDrivenRequestHandler, StoreRequest
+from scp.uids import InvalidUID, check_uid
 
 log = logging.getLogger("scp.association")
 
@@ -279,6 +281,11 @@ class Listener:
             error = request.receive_error
             return self._failure(report, receive_failure_status(error),
                                  f"cannot receive: {error.strerror or error}", request)
+        if request.transfer_syntax is not None:
+            try:
+                check_uid(request.transfer_syntax, "Transfer Syntax UID")
+            except InvalidUID as exc:
+                return self._failure(report, CANNOT_UNDERSTAND, str(exc), request)
         try:
             accepted = self._ingest.accept(
                 request.path, sop_instance_uid=request.sop_instance_uid or None,

@@ -76,6 +76,7 @@ class StoreRequest:
     head: bytes | bytearray
     fd: int | None = None
     receive_error: OSError | None = None  # a failed write (e.g. ENOSPC): answer with a failure status
+    transfer_syntax: str | None = None  # the context's transfer syntax exactly as the peer proposed it
 
 
 class StoreHandler(Protocol):
@@ -130,6 +131,9 @@ class _EventDrivenDUL(DULServiceProvider):
         self._buffer = bytearray(1 << 17)  # one PDU at a time; grows for larger PDUs
         self._readable = False  # the last wait saw the socket readable
         self.direct = False  # P-DATA to the short path (set when the DIMSE provider is a _FastStoreDimse)
+        # context id → transfer syntaxes as proposed, byte for byte: pynetdicom's decoding strips whitespace
+        # (a UID "1.2.3\n" becomes "1.2.3"), and what the peer really sent decides whether the C-STORE is valid
+        self.proposed_transfer_syntaxes: dict[int, list[str]] = {}
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -242,6 +246,8 @@ class _EventDrivenDUL(DULServiceProvider):
                 and self.event_queue.empty()):
             self._p_data(body)
             return
+        if pdu_type == 0x01:
+            self.proposed_transfer_syntaxes = proposed_transfer_syntaxes(body)
         try:
             pdu, event = self._decode_pdu(bytearray(header) + body)
         except Exception:
@@ -485,6 +491,29 @@ _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LB")
 
 
+_ITEM_HEADER = struct.Struct(">BBH")
+
+
+def proposed_transfer_syntaxes(body: bytes | memoryview) -> dict[int, list[str]]:
+    """Context id → the transfer syntax names of an A-ASSOCIATE-RQ's presentation contexts, as sent (only
+    the trailing NUL padding removed); whatever does not parse is left out, pynetdicom judges the PDU."""
+    found: dict[int, list[str]] = {}
+    offset, end = 68, len(body)  # after protocol version, reserved, called and calling AE, reserved
+    while offset + 4 <= end:
+        kind, _, length = _ITEM_HEADER.unpack_from(body, offset)
+        item_end = min(offset + 4 + length, end)
+        if kind == 0x20 and length >= 4:
+            names = found.setdefault(body[offset + 4], [])
+            sub = offset + 8
+            while sub + 4 <= item_end:
+                sub_kind, _, sub_length = _ITEM_HEADER.unpack_from(body, sub)
+                if sub_kind == 0x40:
+                    names.append(bytes(body[sub + 4:sub + 4 + sub_length]).decode("latin-1").rstrip("\x00"))
+                sub += 4 + sub_length
+        offset = item_end
+    return found
+
+
 def p_data_tf(context_id: int, fragment: bytes) -> bytes:
     """A P-DATA-TF PDU carrying one presentation data value (``fragment`` starts with its control byte)."""
     item = _PDV_HEADER.pack(len(fragment) + 1, context_id) + fragment
@@ -495,9 +524,10 @@ class _IncomingStore:
     """A C-STORE-RQ whose dataset is being streamed into a temp file (the chunked-receive file)."""
 
     def __init__(self, context_id: int, command: dict[int, bytes], transfer_syntax: str,
-                 temp_file: Callable[[], TempFile]) -> None:
+                 temp_file: Callable[[], TempFile], transfer_syntax_as_sent: str) -> None:
         self.context_id = context_id
         self.command = command
+        self.transfer_syntax_as_sent = transfer_syntax_as_sent
         self.error: OSError | None = None  # a failed write (e.g. ENOSPC): the data is dropped, not the link
         try:
             self.file = temp_file()
@@ -547,7 +577,7 @@ class _IncomingStore:
             sop_instance_uid=_text(self.command.get(0x1000)) or "",
             path=self.path, size=self.file.size, head=self.head,  # the header reader copies what it keeps
             fd=self.file.fd if self.error is None else None,
-            receive_error=self.error,
+            receive_error=self.error, transfer_syntax=self.transfer_syntax_as_sent,
         )
 
     def discard(self) -> None:
@@ -600,7 +630,10 @@ class _FastStoreDimse(DIMSEServiceProvider):
                 or _unsigned(elements.get(0x0800)) == _NO_DATASET):
             self._stock(context_id, b"\x03" + bytes(command))
             return
-        self._store = _IncomingStore(context_id, elements, str(context.transfer_syntax[0]), self._handler.temp_file)
+        accepted = str(context.transfer_syntax[0])
+        proposed = self.dul.proposed_transfer_syntaxes.get(context_id, ())  # type: ignore[attr-defined]
+        as_sent = next((name for name in proposed if name.strip() == accepted), accepted)
+        self._store = _IncomingStore(context_id, elements, accepted, self._handler.temp_file, as_sent)
 
     def _serve(self, store: _IncomingStore) -> None:
         """Answer a fully received C-STORE here and now (on the DUL thread)."""

@@ -111,15 +111,6 @@ def found_outside(roots: list[Path]) -> list[str]:
     return hits
 
 
-# Accepted today although the acceptance wants a failure status; nothing escapes the store (the path is
-# built from a valid UID), and the test still checks that before marking it xfail.
-KNOWN_GAPS = {
-    ("transfer syntax", "trailing newline"): ("the presentation context is accepted with transfer syntax "
-                                              "'1.2.3\\n': the newline is dropped on the way to the file meta "
-                                              "and '1.2.3' passes as a (unknown) transfer syntax"),
-}
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> RunningSCP:
     running = RunningSCP(tmp_path_factory.mktemp("escape") / "data").start()
@@ -139,8 +130,6 @@ def test_escape_attempt_is_refused(server: RunningSCP, tmp_path: Path, position:
         outcome = attempt(server.port, *build(tmp_path, position, ESCAPES[escape]))
     assert_nothing_escaped(server)
     refused = outcome.startswith("0x") and int(outcome, 16) in REFUSED
-    if not refused and (position, escape) in KNOWN_GAPS:
-        pytest.xfail(f"{outcome}: {KNOWN_GAPS[(position, escape)]}")
     assert refused, f"{position} / {escape}: {outcome}"
     assert stored(server) == before, "a refused instance was stored"
 
