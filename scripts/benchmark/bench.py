@@ -312,18 +312,22 @@ def run_once(server: str, data: DataSet, assoc: int, round_no: int, args: argpar
 
 
 def set_aside(run_dir: Path, tag: str, files: int) -> None:
-    """Move a finished run's files out of the way; they are deleted when the whole benchmark ends.
+    """Empty a finished run's files and move them out of the way; they are deleted when the benchmark ends.
 
-    Deleting thousands of files between runs would slow the next run down: ext4 without a journal (the
-    benchmark machine's) passes over recently freed inodes when it allocates new ones, which made creating
-    a file cost 0.15-0.4 ms for a minute after a run's files were deleted, instead of ~0.02 ms, and that
-    hit the receiver that creates its files on the critical path (DCMTK) more than ours (spare files made
-    ahead). A receiver in service does not delete files at that rate. A run of a few large files is
-    deleted at once: its inodes do not matter, its gigabytes might.
+    Two effects of this 2-core VM would otherwise distort the next run. Deleting thousands of files made
+    creating a file cost 0.15-0.4 ms instead of ~0.02 ms for a minute (ext4 without a journal passes over
+    recently freed inodes), which hit the receiver that creates its files on the critical path (DCMTK)
+    more than ours (spare files made ahead). Keeping the files with their data made each run slower than
+    the last (new page-cache pages come from memory the VM has not touched yet, several times slower to
+    write into than recycled pages). Truncating a file frees its blocks and cached pages but keeps its inode.
+    A run of a few large files is deleted at once: its inodes do not matter.
     """
     if files < 100:
         shutil.rmtree(run_dir)
         return
+    for directory, _, names in os.walk(run_dir):
+        for name in names:
+            os.truncate(os.path.join(directory, name), 0)
     TRASH_DIR.mkdir(parents=True, exist_ok=True)
     run_dir.rename(TRASH_DIR / tag)
 
