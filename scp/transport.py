@@ -131,6 +131,9 @@ class _EventDrivenDUL(DULServiceProvider):
         self._buffer = bytearray(1 << 17)  # one PDU at a time; grows for larger PDUs
         self._readable = False  # the last wait saw the socket readable
         self.direct = False  # P-DATA to the short path (set when the DIMSE provider is a _FastStoreDimse)
+        # True while a C-STORE is being stored on this thread: the peer is waiting for us, not idle, so
+        # the network timeout (checked on the association's thread) must not end the association
+        self.storing = False
         # context id → transfer syntaxes as proposed, byte for byte: pynetdicom's decoding strips whitespace
         # (a UID "1.2.3\n" becomes "1.2.3"), and what the peer really sent decides whether the C-STORE is valid
         self.proposed_transfer_syntaxes: dict[int, list[str]] = {}
@@ -393,7 +396,7 @@ class _EventDrivenAssociation(Association):
                 self._end_with(pynetdicom.evt.EVT_ABORTED)
             self.kill()
             return True
-        if self.dul.idle_timer_expired():
+        if self.dul.idle_timer_expired() and not getattr(self.dul, "storing", False):
             log.error("network timeout reached: ending the association (%s)", self.network_timeout_response)
             if self.network_timeout_response == "A-RELEASE":
                 self.release()
@@ -639,9 +642,13 @@ class _FastStoreDimse(DIMSEServiceProvider):
         """Answer a fully received C-STORE here and now (on the DUL thread)."""
         store.finish()
         request = store.request()
+        dul = self.dul
+        dul.storing = True  # type: ignore[attr-defined]
         try:
             status, comment = self._handler.store(self.assoc, request)
         finally:
+            dul._idle_timer.restart()  # the wait was ours; the network timeout counts from the answer
+            dul.storing = False  # type: ignore[attr-defined]
             store.discard()
         command = store_response_command(request.message_id, request.sop_class_uid, request.sop_instance_uid,
                                          status, comment)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from conftest import RunningSCP, assert_valid, storescu, temp_leftovers, wait_for
@@ -114,3 +119,34 @@ def test_c_store_failure_carries_an_error_comment(running_scp: RunningSCP, tmp_p
     assert answer.Status == 0xC000
     assert "Study Instance UID" in answer.ErrorComment
     wait_for(lambda: "released" in running_scp.log(), what="association end")
+
+
+@pytest.mark.parametrize("transport", [(), ("--stock-transport",)], ids=["event-driven", "stock"])
+def test_a_store_slower_than_the_network_timeout_is_answered_and_published(
+        scp_factory: Callable[..., RunningSCP], tmp_path: Path, transport: tuple[str, ...]) -> None:
+    """The network timeout is for a silent peer, not for a C-STORE we are still storing.
+
+    Another writer (an operator's sqlite3 session, a `reindex`) holds the index's write lock for longer
+    than the network timeout: the C-STORE waits for it, is answered with success, and its study is
+    published on release, not when some later association touches it.
+    """
+    scp = scp_factory("--network-timeout", "1", *transport)
+    study = make_study(tmp_path / "g", series=(("CT", 2),), seed="slow-store")
+    assoc = associate(scp.port, study.files)
+    assert store(assoc, study.files[0]) == 0x0000
+    blocker = sqlite3.connect(scp.data_dir / "index.sqlite3", timeout=10, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    timer = threading.Timer(2.5, blocker.rollback)
+    timer.start()
+    try:
+        started = time.monotonic()
+        assert store(assoc, study.files[1]) == 0x0000
+        assert time.monotonic() - started >= 2.0  # it did wait for the lock, past the 1 s timeout
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        timer.join()
+        blocker.close()
+    published = scp.wait_for_study(study.study_uid, instances=2)
+    assert_valid(published)
+    assert "network timeout" not in scp.log()
