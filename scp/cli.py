@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-associations", type=int, help="concurrent associations (default 32)")
     serve.add_argument("--acse-timeout", type=float, help="seconds (default 30)")
     serve.add_argument("--dimse-timeout", type=float, help="seconds (default 60)")
-    serve.add_argument("--network-timeout", type=float, help="seconds (default 60)")
+    serve.add_argument("--network-timeout", type=float,
+                       help="seconds without network activity before closing (default 60)")
     serve.add_argument("--stock-transport", action="store_const", const=False, dest="event_driven_transport",
                        help="use pynetdicom's polling transport unchanged (for comparisons)")
     serve.add_argument("--max-instance-size-mb", type=int, help="refuse larger instances with 0xA700 (0 = no limit)")

@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     max_associations: int = Field(32, ge=1, description="concurrent associations; more are rejected (transient)")
     acse_timeout: float = Field(30, gt=0, description="seconds to wait for association messages")
     dimse_timeout: float = Field(60, gt=0, description="seconds to wait for DIMSE messages")
-    network_timeout: float = Field(60, gt=0, description="seconds without network activity before closing")
+    network_timeout: float = Field(60, gt=0, description="seconds without network activity before closing "
+                                   "(not counted while a C-STORE is being stored)")
     event_driven_transport: bool = Field(
         True, description="event-driven waits instead of pynetdicom's 1 ms polling (scp/transport.py; applied only "
         "to the pynetdicom version it was written for)")

@@ -1,9 +1,10 @@
 """The temp files datasets are received into: made ahead of need, written as the bytes arrive.
 
 :class:`SpareFiles` keeps empty files ready, so that receiving an instance never waits for a file
-to be created. Creating a file (a new inode and a directory entry) is the most expensive filesystem step of
-storing a small instance: measured on the ext4 of the benchmark machine, 0.2-0.5 ms of kernel time
-each, more than the fsync that follows. A background thread keeps a few empty files ready in the
+to be created. Creating a file (a new inode and a directory entry) costs ~0.02-0.03 ms of kernel time on
+the benchmark machine's ext4, but 0.15-0.4 ms for about a minute after many files were deleted (ext4
+without a journal passes over recently freed inodes; a retention job deleting old studies does that),
+and it holds the directory's lock meanwhile. A background thread keeps a few empty files ready in the
 store's ``tmp/`` dir; the receiver takes one, writes the dataset into it and renames it into place.
 On a machine with a spare core that cost leaves the sender's critical path. The files are ordinary
 temp files: a crash leaves them in ``tmp/``, where start-up cleaning removes them like any other.
