@@ -29,6 +29,9 @@ class Store:
         self.studies_dir = self.data_dir / STUDIES
         self.tmp_dir = self.data_dir / TMP
         self._fsync = fsync
+        self._root = str(self.data_dir)
+        # study/series directories known to exist: one stat less per instance (cleared when one vanishes)
+        self._known_dirs: set[str] = set()
         for directory in (self.data_dir, self.studies_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -61,7 +64,7 @@ class Store:
         file still open from receiving it, saves opening it again (with ``size``, a stat).
         """
         relative = self.relative_path(header)
-        final = self.data_dir / relative
+        final = os.path.join(self._root, relative)
         if fd is not None:
             if self._fsync:
                 os.fsync(fd)
@@ -72,16 +75,31 @@ class Store:
                 if self._fsync:
                     os.fsync(handle.fileno())
                 size = os.fstat(handle.fileno()).st_size
-        self._make_dirs(final.parent)
+        directory = os.path.dirname(final)
+        self._ensure_dir(directory)
         try:
+            os.replace(temp_path, final)
+        except FileNotFoundError:
+            if directory not in self._known_dirs:
+                raise
+            self._known_dirs.clear()  # removed behind our back: make it again
+            self._ensure_dir(directory)
             os.replace(temp_path, final)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            self._copy_in(temp_path, final)
+            self._copy_in(temp_path, Path(final))
         if self._fsync:
-            _fsync_dir(final.parent)
+            _fsync_dir(directory)
         return relative, size
+
+    def _ensure_dir(self, directory: str) -> None:
+        if directory in self._known_dirs:
+            return
+        self._make_dirs(Path(directory))
+        if len(self._known_dirs) >= 10_000:
+            self._known_dirs.clear()
+        self._known_dirs.add(directory)
 
     def _copy_in(self, source: str | os.PathLike[str], final: Path) -> None:
         """The temp file is on another filesystem (e.g. two embedded servers in one process): copy it
@@ -146,7 +164,7 @@ class Store:
                 _fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: str | Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -71,7 +71,7 @@ class StoreRequest:
     message_id: int
     sop_class_uid: str
     sop_instance_uid: str
-    path: Path
+    path: str | Path
     size: int
     head: bytes | bytearray
     fd: int | None = None
@@ -537,7 +537,6 @@ class _IncomingStore:
         except OSError as exc:  # no file to receive into (e.g. the disk is full): drop the data, answer 0xA700
             self.file = TempFile("", -1)
             self.error = exc
-        self.path = Path(self.file.path)
         self.head = bytearray()
         # written together with the first fragment: one system call for a small instance
         self._meta: bytes | None = file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "",
@@ -564,8 +563,7 @@ class _IncomingStore:
             self.file.close()
         except OSError:
             pass
-        if self.file.path:
-            self.path.unlink(missing_ok=True)
+        self._remove_file()
 
     def finish(self) -> None:
         """The last fragment is in (a dataset without bytes still gets its file meta)."""
@@ -578,7 +576,7 @@ class _IncomingStore:
             message_id=_unsigned(self.command.get(0x0110)) or 0,
             sop_class_uid=_text(self.command.get(0x0002)) or "",
             sop_instance_uid=_text(self.command.get(0x1000)) or "",
-            path=self.path, size=self.file.size, head=self.head,  # the header reader copies what it keeps
+            path=self.file.path, size=self.file.size, head=self.head,  # the header reader copies what it keeps
             fd=self.file.fd if self.error is None else None,
             receive_error=self.error, transfer_syntax=self.transfer_syntax_as_sent,
         )
@@ -589,8 +587,14 @@ class _IncomingStore:
             self.file.close()
         except OSError:
             pass
+        self._remove_file()
+
+    def _remove_file(self) -> None:
         if self.file.path:
-            self.path.unlink(missing_ok=True)
+            try:
+                os.unlink(self.file.path)
+            except FileNotFoundError:  # the handler moved it into the store
+                pass
 
 
 class _FastStoreDimse(DIMSEServiceProvider):
@@ -599,6 +603,7 @@ class _FastStoreDimse(DIMSEServiceProvider):
     _command: bytearray
     _store: _IncomingStore | None
     _handler: StoreHandler
+    _transfer_syntaxes: dict[int, tuple[str, str]]  # context id → (accepted, as the peer proposed it)
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         for context_id, data in primitive.presentation_data_value_list:
@@ -633,10 +638,13 @@ class _FastStoreDimse(DIMSEServiceProvider):
                 or _unsigned(elements.get(0x0800)) == _NO_DATASET):
             self._stock(context_id, b"\x03" + bytes(command))
             return
-        accepted = str(context.transfer_syntax[0])
-        proposed = self.dul.proposed_transfer_syntaxes.get(context_id, ())  # type: ignore[attr-defined]
-        as_sent = next((name for name in proposed if name.strip() == accepted), accepted)
-        self._store = _IncomingStore(context_id, elements, accepted, self._handler.temp_file, as_sent)
+        names = self._transfer_syntaxes.get(context_id)
+        if names is None:
+            accepted = str(context.transfer_syntax[0])
+            proposed = self.dul.proposed_transfer_syntaxes.get(context_id, ())  # type: ignore[attr-defined]
+            as_sent = next((name for name in proposed if name.strip() == accepted), accepted)
+            names = self._transfer_syntaxes[context_id] = (accepted, as_sent)
+        self._store = _IncomingStore(context_id, elements, names[0], self._handler.temp_file, names[1])
 
     def _serve(self, store: _IncomingStore) -> None:
         """Answer a fully received C-STORE here and now (on the DUL thread)."""
@@ -694,6 +702,7 @@ def _make_event_driven(assoc: Association, handler: StoreHandler | None) -> Asso
         assoc.dimse._command = bytearray()  # type: ignore[attr-defined]
         assoc.dimse._store = None  # type: ignore[attr-defined]
         assoc.dimse._handler = handler  # type: ignore[attr-defined]
+        assoc.dimse._transfer_syntaxes = {}  # type: ignore[attr-defined]
     return assoc
 
 

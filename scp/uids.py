@@ -10,6 +10,9 @@ import re
 # published: both are refused before any path is formed.
 _UID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+")
 MAX_UID_LENGTH = 64
+# UIDs recently found valid, exactly as given: a study's and a series' UIDs come with every instance
+_VALID: set[str] = set()
+_VALID_KEEP = 4096
 
 
 class InvalidUID(ValueError):
@@ -22,6 +25,8 @@ def check_uid(value: object, what: str) -> str:
     ``what`` names the attribute (e.g. "Study Instance UID") so the error says
     exactly which UID was wrong.
     """
+    if value.__class__ is str and value in _VALID:
+        return value  # type: ignore[return-value]
     if value is None:
         raise InvalidUID(f"{what} is missing")
     text = str(value).rstrip("\x00 ")
@@ -31,5 +36,9 @@ def check_uid(value: object, what: str) -> str:
         raise InvalidUID(f"{what} is {len(text)} characters long (at most {MAX_UID_LENGTH})")
     if not _UID.fullmatch(text):
         raise InvalidUID(f"{what} {text[:80]!r} is not a valid UID (digits and dots, no leading zeros)")
+    if value.__class__ is str and value == text:
+        if len(_VALID) >= _VALID_KEEP:
+            _VALID.clear()
+        _VALID.add(text)
     return text
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -148,3 +149,14 @@ def test_index_rows_carry_header_and_provenance(running_scp: RunningSCP, tmp_pat
         assert row.header.attributes["PatientID"] == "PID-0001"
         assert row.header.attributes["Modality"] == "CT"
     assert len({r.provenance.association_id for r in rows}) == 1
+
+
+def test_a_study_directory_removed_by_hand_is_made_again(running_scp: RunningSCP, tmp_path: Path) -> None:
+    """The store remembers which study/series directories exist; one removed behind its back is recreated."""
+    study = make_study(tmp_path / "g", series=(("CT", 4),), seed="removed-dir")
+    storescu(running_scp.port, study.files[:2])
+    study_dir = running_scp.data_dir / "studies" / study.study_uid
+    assert len(list(study_dir.rglob("*.dcm"))) == 2
+    shutil.rmtree(study_dir)
+    storescu(running_scp.port, study.files[2:])  # check=True: every C-STORE answered with success
+    assert len(list(study_dir.rglob("*.dcm"))) == 2

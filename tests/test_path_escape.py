@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 from conftest import RunningSCP, temp_leftovers, wait_for
 from dicom_factory import CT_IMAGE_STORAGE, UID_ROOT, dataset_bytes, make_instance
 from fault_dicom import EXPLICIT_VR_LE, AssociationRefused, RawAssociation
+from scp.uids import InvalidUID, check_uid
 
 TOKEN = f"pwn{uuid.uuid4().hex[:8]}"
 CT = CT_IMAGE_STORAGE.encode()
@@ -171,3 +172,14 @@ def test_a_refused_over_long_uid_does_not_hold_back_what_was_stored_before(serve
     assoc.abort()
     assert refused.status == 0xC000, refused  # refused, and the abort that follows still publishes the study
     server.wait_for_study(study, instances=1, timeout=10)
+
+
+@pytest.mark.parametrize("bad", ["1.2.840.10008.1.2\n", "1.2.840.10008.1.2/..", " 1.2.840.10008.1.2", "1.2.840.10008.01.2"])
+def test_a_uid_remembered_as_valid_does_not_let_a_variant_through(bad: str) -> None:
+    """check_uid remembers valid UIDs (a series' UIDs come with every instance); only the exact string."""
+    good = "1.2.840.10008.1.2"
+    assert check_uid(good, "UID") == good
+    assert check_uid(good, "UID") == good  # now from memory
+    assert check_uid(good + " ", "UID") == good  # padding is still stripped
+    with pytest.raises(InvalidUID):
+        check_uid(bad, "UID")
