@@ -45,6 +45,8 @@ def test_the_adapted_internals_still_exist() -> None:
     for name in ("message", "msg_queue", "maximum_pdu_size", "receive_primitive", "send_msg"):
         assert hasattr(DIMSEServiceProvider, name) or name in DIMSEServiceProvider.__init__.__code__.co_names, name
     assert hasattr(RequestHandler, "_create_association")
+    from pynetdicom.timer import Timer
+    assert hasattr(Timer, "restart") and hasattr(DULServiceProvider, "idle_timer_expired")
 
 
 def process_cpu_seconds(pid: int) -> float:
