@@ -62,7 +62,7 @@ from benchmark.procs import BenchError, Dcmtk, Ours, Receiver, send, system_cpu 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (scripts/benchmark/bench.py)
 BENCH_DIR = ROOT / ".bench"
 TRASH_DIR = BENCH_DIR / "trash"  # finished runs' files, deleted at the end
-DEFAULT_ASSOC = {"ct": [1], "tiny": [1], "multi": [4], "big": [1]}
+DEFAULT_ASSOC = {"ct": [1], "tiny": [1], "multi": [4], "big": [1], "latency": [1]}
 MB = 1e6
 
 
@@ -475,7 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="small sets (ct 60, tiny 600, multi 8x25, big 256 MiB): under a minute")
-    parser.add_argument("--sets", default="ct,tiny,multi", help="comma-separated: ct,tiny,multi,big")
+    parser.add_argument("--sets", default="ct,tiny,multi", help="comma-separated: ct,tiny,multi,big,latency")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of DCMTK then ours (default 3)")
     parser.add_argument("--assoc", default=None,
                         help="parallel associations to run every set with, e.g. 1,4 (default: ct, tiny, big 1; "

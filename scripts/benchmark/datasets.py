@@ -72,6 +72,8 @@ SETS: dict[str, SetSpec] = {
     "tiny": SetSpec("tiny", "tiny", 1, 8, 625, 64, 64, "CT", CT_IMAGE),
     "multi": SetSpec("multi", "multi", 20, 2, 25, 256, 256, "MR", MR_IMAGE, split_level="study"),
     "big": SetSpec("big", "big", 1, 1, 1, 512, 512, "OT", MULTIFRAME_WORD_SC, frames=2048, split_level="study"),
+    # one large study, for the release→ImagingStudy targets (1,000 instances: --quick; 10,000: full)
+    "latency": SetSpec("latency", "latency", 1, 10, 1000, 64, 64, "CT", CT_IMAGE),
 }
 
 # One small instance sent to each receiver before the timed run (first-use costs: lazy imports, caches).
@@ -83,6 +85,7 @@ QUICK_SETS: dict[str, SetSpec] = {
     "multi": SetSpec("multi-quick", "multi", 8, 1, 25, 256, 256, "MR", MR_IMAGE, split_level="study"),
     "big": SetSpec("big-quick", "big", 1, 1, 1, 512, 512, "OT", MULTIFRAME_WORD_SC, frames=512,
                    split_level="study"),
+    "latency": SetSpec("latency-quick", "latency", 1, 2, 500, 64, 64, "CT", CT_IMAGE),
 }
 
 
