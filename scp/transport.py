@@ -569,6 +569,8 @@ class _IncomingStore:
         """The last fragment is in (a dataset without bytes still gets its file meta)."""
         if self._meta is not None:
             self.write(b"")
+        if self.error is None:
+            self.file.written()
 
     def request(self) -> StoreRequest:
         """The request for a :class:`StoreHandler` (after :meth:`finish`)."""
