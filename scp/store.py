@@ -30,8 +30,6 @@ class Store:
         self.tmp_dir = self.data_dir / TMP
         self._fsync = fsync
         self._root = str(self.data_dir)
-        # study/series directories known to exist: one stat less per instance (cleared when one vanishes)
-        self._known_dirs: set[str] = set()
         for directory in (self.data_dir, self.studies_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -76,14 +74,9 @@ class Store:
                     os.fsync(handle.fileno())
                 size = os.fstat(handle.fileno()).st_size
         directory = os.path.dirname(final)
-        self._ensure_dir(directory)
+        if not os.path.isdir(directory):
+            self._make_dirs(Path(directory))
         try:
-            os.replace(temp_path, final)
-        except FileNotFoundError:
-            if directory not in self._known_dirs:
-                raise
-            self._known_dirs.clear()  # removed behind our back: make it again
-            self._ensure_dir(directory)
             os.replace(temp_path, final)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
@@ -92,14 +85,6 @@ class Store:
         if self._fsync:
             _fsync_dir(directory)
         return relative, size
-
-    def _ensure_dir(self, directory: str) -> None:
-        if directory in self._known_dirs:
-            return
-        self._make_dirs(Path(directory))
-        if len(self._known_dirs) >= 10_000:
-            self._known_dirs.clear()
-        self._known_dirs.add(directory)
 
     def _copy_in(self, source: str | os.PathLike[str], final: Path) -> None:
         """The temp file is on another filesystem (e.g. two embedded servers in one process): copy it

@@ -396,7 +396,7 @@ class _EventDrivenAssociation(Association):
                 self._end_with(pynetdicom.evt.EVT_ABORTED)
             self.kill()
             return True
-        if self.dul.idle_timer_expired() and not getattr(self.dul, "storing", False):
+        if self.dul.idle_timer_expired() and not self.dul.storing:  # type: ignore[attr-defined]
             log.error("network timeout reached: ending the association (%s)", self.network_timeout_response)
             if self.network_timeout_response == "A-RELEASE":
                 self.release()
@@ -559,11 +559,7 @@ class _IncomingStore:
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        self._remove_file()
+        self.discard()
 
     def finish(self) -> None:
         """The last fragment is in (a dataset without bytes still gets its file meta)."""
@@ -589,9 +585,6 @@ class _IncomingStore:
             self.file.close()
         except OSError:
             pass
-        self._remove_file()
-
-    def _remove_file(self) -> None:
         if self.file.path:
             try:
                 os.unlink(self.file.path)
@@ -605,7 +598,6 @@ class _FastStoreDimse(DIMSEServiceProvider):
     _command: bytearray
     _store: _IncomingStore | None
     _handler: StoreHandler
-    _transfer_syntaxes: dict[int, tuple[str, str]]  # context id → (accepted, as the peer proposed it)
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         for context_id, data in primitive.presentation_data_value_list:
@@ -640,13 +632,10 @@ class _FastStoreDimse(DIMSEServiceProvider):
                 or _unsigned(elements.get(0x0800)) == _NO_DATASET):
             self._stock(context_id, b"\x03" + bytes(command))
             return
-        names = self._transfer_syntaxes.get(context_id)
-        if names is None:
-            accepted = str(context.transfer_syntax[0])
-            proposed = self.dul.proposed_transfer_syntaxes.get(context_id, ())  # type: ignore[attr-defined]
-            as_sent = next((name for name in proposed if name.strip() == accepted), accepted)
-            names = self._transfer_syntaxes[context_id] = (accepted, as_sent)
-        self._store = _IncomingStore(context_id, elements, names[0], self._handler.temp_file, names[1])
+        accepted = str(context.transfer_syntax[0])
+        proposed = self.dul.proposed_transfer_syntaxes.get(context_id, ())  # type: ignore[attr-defined]
+        as_sent = next((name for name in proposed if name.strip() == accepted), accepted)
+        self._store = _IncomingStore(context_id, elements, accepted, self._handler.temp_file, as_sent)
 
     def _serve(self, store: _IncomingStore) -> None:
         """Answer a fully received C-STORE here and now (on the DUL thread)."""
@@ -704,7 +693,6 @@ def _make_event_driven(assoc: Association, handler: StoreHandler | None) -> Asso
         assoc.dimse._command = bytearray()  # type: ignore[attr-defined]
         assoc.dimse._store = None  # type: ignore[attr-defined]
         assoc.dimse._handler = handler  # type: ignore[attr-defined]
-        assoc.dimse._transfer_syntaxes = {}  # type: ignore[attr-defined]
     return assoc
 
 

@@ -152,7 +152,7 @@ def test_index_rows_carry_header_and_provenance(running_scp: RunningSCP, tmp_pat
 
 
 def test_a_study_directory_removed_by_hand_is_made_again(running_scp: RunningSCP, tmp_path: Path) -> None:
-    """The store remembers which study/series directories exist; one removed behind its back is recreated."""
+    """A study directory removed behind the store's back is made again for the next instance."""
     study = make_study(tmp_path / "g", series=(("CT", 4),), seed="removed-dir")
     storescu(running_scp.port, study.files[:2])
     study_dir = running_scp.data_dir / "studies" / study.study_uid

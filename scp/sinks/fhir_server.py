@@ -43,11 +43,16 @@ _LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_hist
 
 def sink_name(base_url: str) -> str:
     """``fhir:<base URL>`` without any user:password part (it names metrics, logs and outbox rows)."""
+    return "fhir:" + _without_credentials(base_url)
+
+
+def _without_credentials(base_url: str) -> str:
+    """``base_url`` without a trailing slash and without any user:password part (for names and messages)."""
     parts = urlsplit(base_url.rstrip("/"))
     host = parts.hostname or ""
     if parts.port is not None:
         host = f"{host}:{parts.port}"
-    return "fhir:" + urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
 
 
 def retryable_status(status: int) -> bool:
@@ -63,7 +68,7 @@ class FhirServerSink:
                  ca_bundle: Path | None = None, timeout: float = 30.0, log_phi: bool = False) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = sink_name(self.base_url)
-        self.shown_url = self.name.removeprefix("fhir:")  # the base URL without user:password, for messages
+        self.shown_url = _without_credentials(self.base_url)  # for messages
         self._configured = version
         self._discovered: FhirVersion | None = None
         self._token = token
