@@ -203,6 +203,17 @@ class Index:
             self._remember(study_uid, (state[0], state[1]), instances)
         return list(instances)
 
+    def study_state(self, study_uid: str) -> tuple[int, float] | None:
+        """The study's instance count and when its latest instance arrived; None when it has none.
+
+        What start-up recovery compares with the outbox, without reading every row of the study.
+        """
+        with self._lock:
+            count, up_to = self._db.execute(
+                "SELECT count(*), max(received_at) FROM instances WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return (count, up_to) if count else None
+
     def get(self, sop_uid: str) -> StoredInstance | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()

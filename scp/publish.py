@@ -216,10 +216,10 @@ class Publisher:
                 self._outbox.submit(self._names, [uid])
                 queued += 1
                 continue
-            instances = self._index.study_instances(uid)
-            if not instances:
+            state = self._index.study_state(uid)
+            if state is None:
                 continue
-            count, up_to = len(instances), max(i.provenance.received_at for i in instances)
+            count, up_to = state
             queued += sum(self._outbox.submit_uncovered(name, uid, count, up_to) for name in self._names)
             if self._outbox.fully_delivered(self._names, uid, count, up_to):
                 self._index.record_publication(uid, count, up_to, time.time())

@@ -184,6 +184,25 @@ def test_a_restart_resumes_pending_deliveries(index: Index, tmp_path: Path) -> N
     second.stop()
 
 
+def test_start_up_compares_the_outbox_with_the_study_state_the_index_holds(index: Index, tmp_path: Path) -> None:
+    uid = store(index, tmp_path / "s", "state", count=3)
+    instances = index.study_instances(uid)
+    assert index.study_state(uid) == (3, max(i.provenance.received_at for i in instances))
+    assert index.study_state("1.2.3.999") is None
+
+    sink = FakeSink("directory")
+    pub = publisher(index, tmp_path, [sink])
+    pub.start()
+    pub.resume([uid, "1.2.3.999"])  # a study the index no longer holds is skipped
+    assert pub.wait_idle(20) and len(sink.published) == 1
+    pub.resume([uid])  # delivered as the index holds it: not again
+    store(index, tmp_path / "s2", "state", count=4)  # one more instance, as if received while stopped
+    pub.resume([uid])
+    assert pub.wait_idle(20)
+    assert [p.resource["numberOfInstances"] for p in sink.published] == [3, 4]
+    pub.stop()
+
+
 def test_publish_now_delivers_and_queues_what_failed(index: Index, tmp_path: Path) -> None:
     uid = store(index, tmp_path / "s", "now")
     ok, failing = FakeSink("directory"), FakeSink("fhir:x", FhirVersion.R4,
