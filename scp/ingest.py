@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,6 +75,26 @@ class Accepted:
     touched_studies: tuple[str, ...]
 
 
+_SOP_LOCK_STRIPES = 256
+
+
+class _SopLocks:
+    """One lock per SOP Instance UID (striped): what one instance's stores do to its file and row is serialised.
+
+    Storing reads the instance's row, places the file, writes the row, then removes the copy the row
+    replaced. Two associations storing the same SOP Instance UID at once (a move to another study and a
+    re-send, say) would otherwise interleave those steps: one removes the file the other just placed, and
+    an acknowledged instance is lost, or the row describes the other copy's file. Different instances
+    rarely share a stripe, so parallel associations still store in parallel.
+    """
+
+    def __init__(self, stripes: int = _SOP_LOCK_STRIPES) -> None:
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def __call__(self, sop_uid: str) -> threading.Lock:
+        return self._locks[hash(sop_uid) % len(self._locks)]
+
+
 class Ingest:
     """Turns a fully received dataset file into a stored, indexed instance."""
 
@@ -86,6 +107,7 @@ class Ingest:
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
         self.duplicate_policy = duplicate_policy
+        self._sop_lock = _SopLocks()
 
     def accept(self, temp_path: str | os.PathLike[str], *, sop_instance_uid: str | None,
                sop_class_uid: str | None, provenance: Provenance, head: bytes | bytearray = b"",
@@ -102,6 +124,12 @@ class Ingest:
         self._check_free_space()
         self._check_size(temp_path, size)
         header = self._header(temp_path, sop_instance_uid, sop_class_uid, head, size)
+        with self._sop_lock(header.sop_uid):
+            return self._place(temp_path, header, provenance, fd, size)
+
+    def _place(self, temp_path: str | os.PathLike[str], header: InstanceHeader, provenance: Provenance,
+               fd: int | None, size: int | None) -> Accepted:
+        """Apply the duplicate policy, make the file durable in the store, write its row, drop what it replaced."""
         existing = self.index.get(header.sop_uid)
         if existing is not None:
             kept = self._duplicate(temp_path, existing)
@@ -126,12 +154,20 @@ class Ingest:
         touched = [header.study_uid]
         if replaced is not None:
             if replaced.path != relative:
-                self.store.remove(replaced.path)
+                self._remove_replaced(replaced.path)
             if replaced.study_uid != header.study_uid:
                 log.warning("SOP Instance %s moved from study %s to %s", header.sop_uid,
                             replaced.study_uid, header.study_uid)
                 touched.append(replaced.study_uid)
         return Accepted(stored, tuple(touched))
+
+    def _remove_replaced(self, relative: str) -> None:
+        """Remove the copy a new one replaced. The new one is stored and indexed whatever happens here: a
+        failure is logged, and the copy left behind is removed by the next start-up reconciliation."""
+        try:
+            self.store.remove(relative)
+        except OSError as exc:
+            log.error("cannot remove %s, replaced by a newer copy: %s", relative, exc)
 
     def _withdraw(self, relative: str, header: InstanceHeader, existing: StoredInstance | None) -> None:
         """The file is in place but its index row could not be written: the sender will get a failure, so
@@ -182,7 +218,12 @@ class Ingest:
         Content digests are only computed here, when a SOP Instance UID comes
         again, so the common path pays nothing for duplicate detection.
         """
-        identical = _digest(temp_path) == _digest(self.store.absolute(existing.path))
+        try:
+            identical = _digest(temp_path) == _digest(self.store.absolute(existing.path))
+        except FileNotFoundError:  # removed behind our back (by hand, a retention job): the row is stale
+            log.warning("SOP Instance %s received again; its stored file %s is gone, the new copy is stored",
+                        existing.header.sop_uid, existing.path)
+            return None
         self.metrics.duplicates.labels(identical="yes" if identical else "no").inc()
         log.info("SOP Instance %s received again (%s content; policy %s)", existing.header.sop_uid,
                  "identical" if identical else "different", self.duplicate_policy)

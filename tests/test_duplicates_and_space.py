@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from conftest import RunningSCP, temp_leftovers
 from dicom_factory import dataset_bytes, make_study
@@ -60,6 +61,19 @@ def test_reject_refuses_the_second_copy(scp_factory, tmp_path: Path) -> None:  #
     study = make_study(tmp_path / "g", series=(("CT", 2),), seed="dup-reject")
     assert send(server, study.files + [study.files[0]]) == [0, 0, 0x0111]
     server.wait_for_study(study.study_uid, instances=2)
+
+
+@pytest.mark.parametrize("policy", ["replace", "keep-first", "reject"])
+def test_a_copy_whose_stored_file_is_gone_is_stored_again(scp_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          policy: str) -> None:
+    server = scp_factory("--duplicate-policy", policy)
+    study = make_study(tmp_path / "g", series=(("CT", 2),), seed=f"gone-{policy}")
+    assert send(server, study.files) == [0, 0]
+    server.wait_for_study(study.study_uid, instances=2)
+    stored_path(server, study.files[0]).unlink()  # a retention job or an operator, while the server runs
+    assert send(server, [study.files[0]]) == [0]
+    assert dataset_bytes(stored_path(server, study.files[0])) == dataset_bytes(study.files[0])
+    assert "is gone, the new copy is stored" in server.log()
 
 
 def test_below_the_free_disk_threshold_nothing_is_stored(scp_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
