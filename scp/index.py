@@ -95,6 +95,7 @@ class Index:
         self._db = self._connect(synchronous)
         self._cache: OrderedDict[str, tuple[tuple[int, int], list[StoredInstance]]] = OrderedDict()
         self._cache_budget = cache_instances
+        self._data_version = -1
 
     def _connect(self, synchronous: str) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -136,8 +137,10 @@ class Index:
         return Replaced(previous[0], previous[1]) if previous else None
 
     def replace_all(self, instances: Iterable[StoredInstance]) -> int:
-        """Replace every instance row by ``instances`` in one transaction (reindex)."""
-        count = 0
+        """Replace every instance row by ``instances`` in one transaction (reindex); the rows there are now.
+
+        A later instance with the SOP Instance UID of an earlier one replaces it.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -145,7 +148,7 @@ class Index:
                 for stored in instances:
                     self._db.execute(f"INSERT OR REPLACE INTO instances ({_COLUMNS}) VALUES "
                                      "(?,?,?,?,?,?,?,?,?,?,?,?,?)", _row(stored))
-                    count += 1
+                count = int(self._db.execute("SELECT count(*) FROM instances").fetchone()[0])
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
@@ -188,6 +191,7 @@ class Index:
     def study_instances(self, study_uid: str) -> list[StoredInstance]:
         """Every instance of the study, oldest first (the mapping lets later values win)."""
         with self._lock:
+            self._forget_if_changed_elsewhere()
             state = self._db.execute(
                 "SELECT count(*), coalesce(max(rowid), 0) FROM instances WHERE study_uid = ?", (study_uid,)
             ).fetchone()
@@ -225,10 +229,11 @@ class Index:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY sop_uid").fetchall()
         return [_stored(row) for row in rows]
 
-    def paths(self) -> dict[str, int]:
-        """Stored path → size of every row (start-up reconciliation)."""
+    def paths(self) -> dict[str, tuple[int, float]]:
+        """Stored path → (size, received at) of every row (start-up reconciliation)."""
         with self._lock:
-            return dict(self._db.execute("SELECT path, size FROM instances").fetchall())
+            return {path: (size, received_at) for path, size, received_at
+                    in self._db.execute("SELECT path, size, received_at FROM instances")}
 
     def studies(self) -> list[StudySummary]:
         """One summary per study, oldest activity first (the latest Patient ID wins, like the mapping)."""
@@ -257,6 +262,14 @@ class Index:
                 "OR count(*) != p.instance_count ORDER BY max(i.received_at)"
             ).fetchall()
         return [row[0] for row in rows]
+
+    def _forget_if_changed_elsewhere(self) -> None:
+        """Drop the cache when another connection (a ``reindex`` in another process) committed since the last
+        look: rewritten rows can keep a study's count and largest rowid, which is all the cache checks."""
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._cache.clear()
+            self._data_version = version
 
     def _remember(self, study_uid: str, state: tuple[int, int], instances: list[StoredInstance]) -> None:
         if len(instances) > self._cache_budget:

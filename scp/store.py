@@ -13,12 +13,21 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from scp.records import InstanceHeader
 from scp.uids import check_uid
 
 STUDIES = "studies"
 TMP = "tmp"
+
+
+class StoredFileState(NamedTuple):
+    """A stored file as the filesystem has it: what reconciliation compares with the index's row."""
+
+    path: str  # relative to the data dir
+    size: int
+    mtime: float
 
 
 class Store:
@@ -123,6 +132,27 @@ class Store:
 
     def stored_files(self) -> Iterator[str]:
         """Every stored instance file, as a path relative to the data dir, in a stable order."""
+        for relative, _ in self._stored_entries():
+            yield relative
+
+    def stored_file_states(self) -> Iterator[StoredFileState]:
+        """Every stored instance file with its size and modification time, in a stable order."""
+        for relative, entry in self._stored_entries():
+            try:
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # removed since its directory was listed
+                continue
+            yield StoredFileState(relative, stat.st_size, stat.st_mtime)
+
+    def file_state(self, relative: str) -> StoredFileState | None:
+        """The size and modification time of a stored file; None when it is gone."""
+        try:
+            stat = os.stat(os.path.join(self._root, relative), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return StoredFileState(relative, stat.st_size, stat.st_mtime)
+
+    def _stored_entries(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
         for study in sorted(os.scandir(self.studies_dir), key=lambda e: e.name):
             if not study.is_dir(follow_symlinks=False):
                 continue
@@ -131,7 +161,7 @@ class Store:
                     continue
                 for entry in sorted(os.scandir(series.path), key=lambda e: e.name):
                     if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
-                        yield f"{STUDIES}/{study.name}/{series.name}/{entry.name}"
+                        yield f"{STUDIES}/{study.name}/{series.name}/{entry.name}", entry
 
     def _make_dirs(self, directory: Path) -> None:
         """Create the study/series directories, fsync'ing each parent that gained an entry."""
