@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -39,6 +40,8 @@ class Store:
         self.tmp_dir = self.data_dir / TMP
         self._fsync = fsync
         self._root = str(self.data_dir)
+        self._dirs_lock = threading.Lock()
+        self._making_dirs = False  # a thread is making directories (see _make_dirs)
         for directory in (self.data_dir, self.studies_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -83,7 +86,7 @@ class Store:
                     os.fsync(handle.fileno())
                 size = os.fstat(handle.fileno()).st_size
         directory = os.path.dirname(final)
-        if not os.path.isdir(directory):
+        if self._making_dirs or not os.path.isdir(directory):
             self._make_dirs(Path(directory))
         try:
             os.replace(temp_path, final)
@@ -164,19 +167,29 @@ class Store:
                         yield f"{STUDIES}/{study.name}/{series.name}/{entry.name}", entry
 
     def _make_dirs(self, directory: Path) -> None:
-        """Create the study/series directories, fsync'ing each parent that gained an entry."""
-        missing: list[Path] = []
-        current = directory
-        while not current.exists():
-            missing.append(current)
-            current = current.parent
-        for path in reversed(missing):
+        """Create the study/series directories, fsync'ing each parent that gained an entry.
+
+        One thread at a time, and while one is at it every commit comes through here: a directory another
+        thread has just made exists before its parent is fsync'ed, and a file placed in it must not be
+        acknowledged until then.
+        """
+        with self._dirs_lock:
+            self._making_dirs = True
             try:
-                path.mkdir()
-            except FileExistsError:
-                continue
-            if self._fsync:
-                _fsync_dir(path.parent)
+                missing: list[Path] = []
+                current = directory
+                while not current.exists():
+                    missing.append(current)
+                    current = current.parent
+                for path in reversed(missing):
+                    try:
+                        path.mkdir()
+                    except FileExistsError:
+                        pass  # made by another process: its entry may not be durable yet either
+                    if self._fsync:
+                        _fsync_dir(path.parent)
+            finally:
+                self._making_dirs = False
 
 
 def _fsync_dir(directory: str | Path) -> None:

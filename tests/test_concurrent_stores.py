@@ -1,17 +1,20 @@
-"""Two associations storing the same SOP Instance UID at once: one acknowledged copy survives, and its row
-describes it. The store and index are real; only the moment one store pauses is arranged, so that the other
-would interleave with it if nothing serialised them."""
+"""Stores at once: two associations storing the same SOP Instance UID (one acknowledged copy survives, and its
+row describes it), and two instances of a new series (neither acknowledged before the series directory is
+durable). The store and index are real; only the moment one store pauses is arranged, so that the other would
+interleave with it if nothing serialised them."""
 
 from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import scp.store
 from dicom_factory import make_instance
 from scp.header import read_header
 from scp.index import Index
@@ -129,3 +132,42 @@ def test_two_copies_at_one_path_at_once_leave_a_row_that_describes_the_file(
     assert row.size == store.absolute(row.path).stat().st_size
     kept = "A^First" if policy == "keep-first" else "B^Second^Longer"
     assert on_disk.attributes["PatientName"] == kept
+
+
+def test_a_file_in_a_directory_another_thread_just_made_waits_for_that_directory_to_be_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "durable", fsync=True)
+    first_in_place, order = threading.Event(), []
+    fsync_dir = scp.store._fsync_dir
+
+    def slow_parent_fsync(directory: Any) -> None:
+        if threading.current_thread().name == "maker" and Path(directory) == store.studies_dir / STUDY_1:
+            first_in_place.wait(5)  # the series directory exists; its entry is not durable yet
+            time.sleep(PAUSE / 2)
+            order.append("series directory durable")
+        fsync_dir(directory)
+
+    monkeypatch.setattr(scp.store, "_fsync_dir", slow_parent_fsync)
+    (tmp_path / "src").mkdir()
+    headers = {name: read_header(make_instance(tmp_path / "src" / f"{name}.dcm", study_uid=STUDY_1,
+                                               series_uid=SERIES_1, sop_uid=f"{SOP}.{number}"))
+               for number, name in enumerate(("one", "two"), 1)}  # two instances of one new series, at once
+
+    def commit(name: str) -> None:
+        temp = store.tmp_dir / f"{name}.part"
+        temp.write_bytes(b"x")
+        if name == "two":
+            wait_until_made = time.monotonic() + 5
+            while not (store.studies_dir / STUDY_1 / SERIES_1).is_dir() and time.monotonic() < wait_until_made:
+                time.sleep(0.001)
+            first_in_place.set()
+        store.commit(temp, headers[name])
+        order.append(f"{name} stored")
+
+    threads = [threading.Thread(target=commit, args=("one",), name="maker"),
+               threading.Thread(target=commit, args=("two",), name="other")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert order.index("series directory durable") < order.index("two stored"), order
