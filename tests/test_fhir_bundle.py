@@ -9,6 +9,7 @@ from scp.fhir_version import FhirVersion
 from scp.mapping.imaging_study import MappingOptions, build_imaging_study
 from scp.records import InstanceHeader
 from scp.sinks.fhir_bundle import token, transaction_bundle
+from scp.validation import imaging_study_problems
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 
@@ -66,3 +67,29 @@ def test_the_latest_values_win_and_tokens_are_encoded() -> None:
     patient = built.bundle["entry"][0]["resource"]
     assert patient["name"][0]["family"] == "Roe" and patient["gender"] == "male"
     assert token("http://x.org/ids", "A B&C$") == "http://x.org/ids|A%20B%26C\\%24"
+
+
+def test_free_text_issuers_are_told_apart_by_the_patient_search() -> None:
+    """Report bug 1: ``identifier=|123`` matched the Patient of any issuer; each issuer now has its own system."""
+    def patient_entry(**attributes: Any) -> Any:
+        return bundle_of([header(STUDY + ".1.1", PatientID="123", **attributes)]).bundle["entry"][0]
+
+    a, a_again = patient_entry(IssuerOfPatientID="HOSPITAL_A"), patient_entry(IssuerOfPatientID="HOSPITAL_A")
+    b, none = patient_entry(IssuerOfPatientID="HOSPITAL_B"), patient_entry()
+    assert a["request"]["ifNoneExist"] == "identifier=urn:imagingstudy-scp:issuer-of-patient-id:HOSPITAL_A|123"
+    assert a["resource"]["identifier"] == [{"value": "123", "system": "urn:imagingstudy-scp:issuer-of-patient-id:"
+                                            "HOSPITAL_A", "assigner": {"display": "HOSPITAL_A"}}]
+    assert a["request"] == a_again["request"]  # the same patient finds its Patient again
+    assert len({a["request"]["ifNoneExist"], b["request"]["ifNoneExist"], none["request"]["ifNoneExist"]}) == 3
+    assert none["request"]["ifNoneExist"] == "identifier=|123"  # no issuer: as before
+    odd = patient_entry(IssuerOfPatientID="St. Mary's|East, $1")["request"]["ifNoneExist"]
+    system = dict(parse_qsl(odd))["identifier"].rsplit("|", 1)[0]
+    assert system == "urn:imagingstudy-scp:issuer-of-patient-id:St.%20Mary%27s%7CEast%2C%20%241"
+
+
+def test_a_free_text_issuer_system_is_valid_in_every_release() -> None:
+    headers = [header(STUDY + ".1.1", PatientID="123", IssuerOfPatientID="Klinikum Süd | Ost")]
+    for version in FhirVersion:
+        resource = build_imaging_study(headers, MappingOptions(version=version)).resource
+        assert imaging_study_problems(resource, version) == []
+        assert resource["subject"]["identifier"]["system"].startswith("urn:imagingstudy-scp:issuer-of-patient-id:")

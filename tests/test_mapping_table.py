@@ -139,6 +139,13 @@ CASES: tuple[Case, ...] = (
          {"type": "Patient", "identifier": {"value": "PID-7", "system": "urn:oid:1.2.3.4.5",
                                             "assigner": {"display": "HOSP"}},
           "display": "Jane Doe"}, id="identified"),
+    Case("subject", "Patient ID (0010,0020) + a free-text Issuer of Patient ID (0010,0021): a system derived "
+         "from the issuer (a FHIR server tells patients of two issuers apart only by system)",
+         {"PatientID": "PID-7", "IssuerOfPatientID": "HOSP A", "PatientName": "Doe^Jane"},
+         {"type": "Patient", "identifier": {"value": "PID-7",
+                                            "system": "urn:imagingstudy-scp:issuer-of-patient-id:HOSP%20A",
+                                            "assigner": {"display": "HOSP A"}},
+          "display": "Jane Doe"}, id="free-text-issuer"),
     Case("subject", "no Patient ID (0010,0020): the study, in the unidentified-patient system",
          {"PatientName": "Doe^John"},
          {"type": "Patient", "identifier": {"system": "urn:imagingstudy-scp:unidentified-patient",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
 from scp.fhir_version import FhirVersion
 
@@ -13,6 +14,8 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 ENDPOINT_CONNECTION_TYPE = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
 DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+# Identifier.system of a Patient ID whose issuer is free text (no OID/URI): this prefix + the issuer, %-encoded.
+ISSUER_OF_PATIENT_ID_SYSTEM = "urn:imagingstudy-scp:issuer-of-patient-id:"
 
 ACSN = {"coding": [{"system": V2_0203, "code": "ACSN"}]}
 PERFORMER = {"coding": [{"system": PARTICIPATION_TYPE, "code": "PRF", "display": "performer"}]}
@@ -114,11 +117,29 @@ def issuer_from_sequence(items: Any) -> dict[str, Any]:
 
 
 def issuer_of_patient_id(issuer: str | None, qualifiers: Any) -> dict[str, Any]:
-    """Identifier.system/assigner for a Patient ID: the qualifiers' universal ID, else the issuer text."""
+    """Identifier.system/assigner for a Patient ID: the qualifiers' universal ID, else the issuer as an OID or
+    URI, else a system derived from the issuer's text (:func:`free_text_issuer_system`); the text is the assigner.
+
+    The system cannot stay empty when there is an issuer: a FHIR server matches a Patient by
+    ``identifier=system|value`` (the bundle's conditional create) and has no search on
+    ``assigner``, so ``|123`` from HOSPITAL_A and ``|123`` from HOSPITAL_B would be one patient.
+    """
     system = _entity_system(_first_item(qualifiers))
     if system is None and issuer:
-        system = system_for_entity(issuer, None)
+        system = system_for_entity(issuer, None) or free_text_issuer_system(issuer)
     return _issuer(system, issuer)
+
+
+def free_text_issuer_system(issuer: str) -> str:
+    """A deterministic Identifier.system for a free-text Issuer of Patient ID (0010,0021).
+
+    The same issuer text always gives the same URI, so one patient keeps one Patient across
+    studies and restarts; different texts give different URIs, so patients of different issuers
+    are never merged. The text is compared exactly (case and inner spaces count: guessing that two
+    spellings are one issuer could merge two patients) and %-encoded, which keeps the URI free of
+    whitespace and of the characters FHIR search escapes (``|``, ``,``, ``$``, ``\\``).
+    """
+    return ISSUER_OF_PATIENT_ID_SYSTEM + quote(issuer, safe="")
 
 
 def _first_item(items: Any) -> dict[str, Any]:

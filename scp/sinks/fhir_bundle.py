@@ -5,6 +5,9 @@
   mapping's ``<patient_id_system>`` + the Study Instance UID), and name, birth date and sex from
   the study's DICOM headers (the most recent non-empty value, as the mapping does). Two studies
   of one patient therefore share one Patient; a study without Patient ID has a Patient of its own.
+  The search can only tell issuers apart by ``system`` (FHIR has no search on ``assigner``), so
+  the mapping gives a free-text Issuer of Patient ID a system of its own
+  (:func:`scp.mapping.terminology.free_text_issuer_system`): ``123`` of two issuers is two Patients.
 * **Endpoint** (when the mapping wrote the contained ``#wado-rs`` Endpoint): conditional create,
   identified by its address (``identifier: urn:ietf:rfc:3986|<address>``); the contained copy
   is removed and ``ImagingStudy.endpoint`` points at the bundle entry.
