@@ -217,17 +217,12 @@ class Outbox:
 
     # -- delivering ------------------------------------------------------------------------
 
-    def next_due(self, sink: str, now: float | None = None, *,
-                 fresh_only: bool = False) -> tuple[OutboxItem | None, float | None]:
-        """The pending item of ``sink`` due first if it is due, else None and when the next one is.
-
-        ``fresh_only``: only items not tried yet (newly submitted, or re-queued by ``outbox retry``).
-        """
+    def next_due(self, sink: str, now: float | None = None) -> tuple[OutboxItem | None, float | None]:
+        """The pending item of ``sink`` due first if it is due, else None and when the next one is."""
         now = time.time() if now is None else now
-        fresh = " AND attempts = 0" if fresh_only else ""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND sink = ?{fresh} "
+                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending' AND sink = ? "
                 "ORDER BY next_attempt_at, queued_at LIMIT 1", (sink,)).fetchone()
         if row is None:
             return None, None
@@ -286,23 +281,52 @@ class Outbox:
             self._db.execute("DELETE FROM outbox WHERE sink = ? AND study_uid = ? AND revision = ?",
                              (item.sink, item.study_uid, item.revision))
 
-    def record_direct(self, sink: str, study_uid: str, count: int, up_to: float, now: float | None = None) -> None:
-        """A delivery made outside the workers (``publish``): remember it unless the study is pending,
-        in which case the pending item still goes out (it may hold newer content)."""
+    def record_direct(self, sink: str, study_uid: str, count: int, up_to: float, now: float | None = None) -> bool:
+        """A delivery made outside the workers (``publish``) of the study at ``count``/``up_to``.
+
+        ``publish`` runs beside the server's workers (another process), so its request may land
+        on the sink after a worker's newer one. Its delivery is recorded only when nothing newer
+        can be there: with no row, or a row that is not pending and records no other delivery
+        at least as new. Otherwise the recorded delivery is left as it is and the study is queued
+        again (a new revision, due now; an attempt in flight then does not count either), so
+        the newest content is what the sink is sent last. True when recorded as delivered.
+        """
         now = time.time() if now is None else now
         with self._lock:
-            self._db.execute(
-                "INSERT INTO outbox (sink, study_uid, state, revision, attempts, next_attempt_at, tried_count, "
-                "tried_up_to, delivered_count, delivered_up_to, delivered_at, updated_at) "
-                "VALUES (?, ?, 'delivered', 1, 0, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (sink, study_uid) DO UPDATE SET "
-                "state = CASE WHEN state = 'pending' THEN 'pending' ELSE 'delivered' END, "
-                "last_error = CASE WHEN state = 'pending' THEN last_error ELSE NULL END, "
-                "outcome = CASE WHEN state = 'pending' THEN outcome ELSE NULL END, "
-                "tried_count = excluded.tried_count, tried_up_to = excluded.tried_up_to, "
-                "delivered_count = excluded.delivered_count, delivered_up_to = excluded.delivered_up_to, "
-                "delivered_at = excluded.delivered_at, updated_at = excluded.updated_at",
-                (sink, study_uid, now, count, up_to, count, up_to, now, now))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT state, delivered_count, delivered_up_to FROM outbox "
+                                       "WHERE sink = ? AND study_uid = ?", (sink, study_uid)).fetchone()
+                recorded = row is None or not (row[0] == PENDING or _not_older(row[1], row[2], count, up_to))
+                if recorded:
+                    self._record_direct(sink, study_uid, count, up_to, now)
+                else:
+                    self._requeue_now(sink, study_uid, now)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return recorded
+
+    def _record_direct(self, sink: str, study_uid: str, count: int, up_to: float, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (sink, study_uid, state, revision, attempts, next_attempt_at, tried_count, "
+            "tried_up_to, delivered_count, delivered_up_to, delivered_at, updated_at) "
+            "VALUES (?, ?, 'delivered', 1, 0, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (sink, study_uid) DO UPDATE SET state = 'delivered', attempts = 0, last_error = NULL, "
+            "last_status = NULL, outcome = NULL, tried_count = excluded.tried_count, "
+            "tried_up_to = excluded.tried_up_to, delivered_count = excluded.delivered_count, "
+            "delivered_up_to = excluded.delivered_up_to, delivered_at = excluded.delivered_at, "
+            "updated_at = excluded.updated_at",
+            (sink, study_uid, now, count, up_to, count, up_to, now, now))
+
+    def _requeue_now(self, sink: str, study_uid: str, now: float) -> None:
+        """A new pending revision of an existing row, due now (a pending row keeps its place and latency)."""
+        self._db.execute(
+            "UPDATE outbox SET revision = revision + 1, next_attempt_at = ?, updated_at = ?, "
+            "queued_at = CASE WHEN state = 'pending' THEN queued_at ELSE ? END, "
+            "attempts = CASE WHEN state = 'pending' THEN attempts ELSE 0 END, state = 'pending' "
+            "WHERE sink = ? AND study_uid = ?", (now, now, now, sink, study_uid))
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -315,6 +339,19 @@ class Outbox:
                 f"AND sink IN ({marks})", (study_uid, *sinks)).fetchall()
         return len(rows) == len(sinks) and all(
             r[0] == DELIVERED and r[1] == count and r[2] is not None and r[2] >= up_to for r in rows)
+
+    def unknown_to(self, sink: str) -> list[str]:
+        """Studies with a row for some other sink but none for ``sink``: it has never been given them.
+
+        Every study an association touched gets a row for every sink configured then (the directory
+        always among them), and rows are kept once delivered; so for a sink added to an existing data
+        dir (or configured again after a while without it) these are the studies it missed.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT study_uid FROM outbox WHERE sink != ? AND study_uid NOT IN "
+                "(SELECT study_uid FROM outbox WHERE sink = ?) ORDER BY study_uid", (sink, sink)).fetchall()
+        return [row[0] for row in rows]
 
     def get(self, sink: str, study_uid: str) -> OutboxItem | None:
         with self._lock:
@@ -358,6 +395,13 @@ class Outbox:
             row = self._db.execute(f"SELECT count(*) FROM outbox WHERE state = 'dead' AND sink IN ({marks})",
                                    tuple(sinks)).fetchone()
         return int(row[0])
+
+
+def _not_older(delivered_count: int | None, delivered_up_to: float | None, count: int, up_to: float) -> bool:
+    """Whether a recorded delivery differs from ``count``/``up_to`` and is not older than it (it may be newer)."""
+    if delivered_up_to is None:
+        return False
+    return (delivered_count, delivered_up_to) != (count, up_to) and delivered_up_to >= up_to
 
 
 # -- the `outbox` command ------------------------------------------------------------------------

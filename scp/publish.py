@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -152,11 +151,13 @@ class Publisher:
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start one worker per sink; what was pending before the last stop is due at once."""
+        """Start one worker per sink; what was pending before the last stop is due at once, and a sink
+        added since gets the stored studies it has never been given (see :meth:`backfill`)."""
         self._stopping.clear()
         resumed = self._outbox.resume(self._names)
         if resumed:
             log.info("outbox: %d pending deliveries resumed", resumed)
+        self.backfill()
         for sink in self._sinks:
             thread = threading.Thread(target=self._work, args=(sink,), name=f"publisher {sink.name}", daemon=True)
             thread.start()
@@ -226,6 +227,26 @@ class Publisher:
         if queued:
             self._wake_all()
 
+    def backfill(self) -> int:
+        """Queue, for each sink, the stored studies the outbox has rows for but none for that sink.
+
+        A FHIR server added to an existing data dir has no row for the studies stored before, and
+        the index's single "published" mark says nothing per sink: without this it would never get
+        them. Only those studies are looked at (one outbox query per sink, then one cheap count per
+        candidate), so a start with nothing missing costs one query per sink. How many were queued.
+        """
+        queued = 0
+        for name in self._names:
+            missing = [uid for uid in self._outbox.unknown_to(name) if self._index.study_state(uid) is not None]
+            if missing:
+                self._outbox.submit([name], missing)
+                log.info("outbox: %d stored studies queued for %s, which has never been given them",
+                         len(missing), name)
+                queued += len(missing)
+        if queued:
+            self._wake_all()
+        return queued
+
     def depth(self) -> int:
         """Studies waiting for at least one sink."""
         return self._outbox.depth(self._names)
@@ -253,35 +274,55 @@ class Publisher:
         """Assemble, validate and deliver one study on the calling thread, to every sink.
 
         A sink that fails gets the study queued in the outbox, so a running server (or the
-        next start) retries it.
+        next start) retries it. Each sink is sent the study as the index holds it when that
+        sink's turn comes. This may run beside a server's workers: when one of them delivered
+        or has queued the study meanwhile, what this sent may have landed after newer content,
+        so the outbox queues it again instead of recording it (:meth:`Outbox.record_direct`),
+        and the index is told "published" only when every sink holds the study as it stands.
         """
-        instances = self._index.study_instances(study_uid)
-        if not instances:
+        if self._index.study_state(study_uid) is None:
             log.warning("study %s has no stored instances; nothing to publish", study_uid)
             return Outcome(study_uid, False, ())
-        count, up_to = len(instances), max(i.provenance.received_at for i in instances)
         wall_end = time.time() - (time.monotonic() - ended_at) if ended_at is not None else None
         delivered: list[str] = []
         problems: list[str] = []
+        states: list[tuple[int, float] | None] = []  # per sink delivered to: as recorded, None when queued again
         for sink in self._sinks:
             try:
-                publication = self._publication(sink, study_uid, instances)
-                if isinstance(publication, _Rejected):
-                    raise DeliveryError("invalid ImagingStudy: " + "; ".join(publication.problems), retryable=False)
-                delivery = sink.publish(publication)
+                state = self._publish_direct(sink, study_uid, wall_end)
             except Exception as exc:
                 problems.append(f"{sink.name}: {exc}")
                 self._metrics.publications.labels(sink=sink.name, result="failed").inc()
                 log.error("publication of study %s to %s failed: %s; queued in the outbox", study_uid, sink.name, exc)
                 self._outbox.submit([sink.name], [study_uid])
                 continue
-            self._outbox.record_direct(sink.name, study_uid, count, up_to)
-            self._delivered_event(sink, publication, delivery, wall_end)
             delivered.append(sink.name)
-        if len(delivered) == len(self._sinks):
-            self._index.record_publication(study_uid, count, up_to, time.time())
+            states.append(state)
+        recorded = {state for state in states if state is not None}
+        if len(delivered) == len(self._sinks) and None not in states and len(recorded) == 1:
+            count, up_to = recorded.pop()
+            if self._index.study_state(study_uid) == (count, up_to):  # nothing newer stored meanwhile
+                self._index.record_publication(study_uid, count, up_to, time.time())
         self._wake_all()
         return Outcome(study_uid, len(delivered) == len(self._sinks), tuple(delivered), tuple(problems))
+
+    def _publish_direct(self, sink: Sink, study_uid: str, wall_end: float | None) -> tuple[int, float] | None:
+        """Deliver the study as it stands now to one sink (raises on failure); the state recorded as
+        delivered, or None when the outbox queued the study again because newer content may be there."""
+        instances = self._index.study_instances(study_uid)
+        if not instances:
+            raise DeliveryError("no stored instances any more", retryable=True)
+        count, up_to = len(instances), max(i.provenance.received_at for i in instances)
+        publication = self._publication(sink, study_uid, instances)
+        if isinstance(publication, _Rejected):
+            raise DeliveryError("invalid ImagingStudy: " + "; ".join(publication.problems), retryable=False)
+        delivery = sink.publish(publication)
+        self._delivered_event(sink, publication, delivery, wall_end)
+        if self._outbox.record_direct(sink.name, study_uid, count, up_to):
+            return count, up_to
+        log.info("study %s: %s was given newer content of it meanwhile, or has it queued: queued again, so that "
+                 "the newest content is sent last", study_uid, sink.name)
+        return None
 
     # -- the workers -----------------------------------------------------------------------------
 
@@ -293,20 +334,23 @@ class Publisher:
         """Deliver the sink's due items, oldest due first, until stopped.
 
         While the sink itself is failing (no answer, 5xx, 408, 429) the worker pauses the whole
-        sink with the same backoff, so a server that is down gets one attempt per delay rather
-        than one per pending study; only items never tried yet (new studies, ``outbox retry``)
-        go through during the pause.
+        sink with the same backoff, at least as long as the server's ``Retry-After``: a server
+        that is down or rate-limiting gets one attempt per delay, not one per pending study nor
+        one per study that arrives meanwhile (new studies wait in the outbox for the pause to end).
         """
         wake = self._wake[sink.name]
         while True:
             if self._stopping.is_set() and time.monotonic() > self._drain_until:
                 return
             wake.clear()
-            paused = self._paused_until.get(sink.name, 0.0) > time.time()
+            paused = self._pause_left(sink.name)
+            if paused > 0:
+                if self._stopping.is_set():
+                    return  # nothing may go to this sink before the pause ends: the outbox keeps it
+                wake.wait(paused)  # a submission or stop() wakes it early: it looks again
+                continue
             try:
-                item, next_at = self._outbox.next_due(sink.name, fresh_only=paused)
-                if paused:
-                    next_at = min(next_at or math.inf, self._paused_until[sink.name])
+                item, next_at = self._outbox.next_due(sink.name)
             except Exception:
                 if self._stopping.is_set():
                     return
@@ -329,6 +373,10 @@ class Publisher:
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+
+    def _pause_left(self, name: str) -> float:
+        """Seconds the sink still waits out a sink-level failure (0 when it is not paused)."""
+        return max(0.0, self._paused_until.get(name, 0.0) - time.time())
 
     def _publication(self, sink: Sink, study_uid: str,
                      instances: Sequence[StoredInstance]) -> Publication | _Rejected:

@@ -304,3 +304,63 @@ def test_a_study_without_patient_id_gets_a_patient_of_its_own(scp_factory, fhir_
         assert imaging["subject"]["reference"] == f"Patient/{patients[0]['id']}"
         assert patients[0]["name"][0]["family"] == "Doe"
     assert len(fhir.all("Patient")) == 2  # unknown identity: one Patient per study, never merged
+
+
+# -- one Patient ID, several issuers (report bug 1) -----------------------------------------------
+
+def _with_patient(study: Any, patient_id: str, issuer: str | None, name: str) -> Any:
+    for path in study.files:
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = patient_id, name
+        if issuer is None:
+            ds.pop("IssuerOfPatientID", None)
+        else:
+            ds.IssuerOfPatientID = issuer
+        ds.save_as(path)
+    return study
+
+
+def test_one_patient_id_from_two_issuers_is_two_patients(scp_factory, fhir_factory,
+                                                         tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Patient ID 123 from HOSPITAL_A and from HOSPITAL_B are two people; a second study of A's is A's."""
+    fhir = fhir_factory()  # strict R4
+    server = scp_factory("--fhir-url", fhir.base_url)
+    cases = (("a", "HOSPITAL_A", "Alpha^Ann"), ("b", "HOSPITAL_B", "Beta^Bob"), ("a2", "HOSPITAL_A", "Alpha^Ann"),
+             ("none", None, "Nobody^Nemo"))
+    subjects = {}
+    for tag, issuer, name in cases:
+        study = _with_patient(make_study(tmp_path / tag, series=(("CT", 1),), seed=f"issuer-{tag}"), "123", issuer,
+                              name)
+        storescu(server.port, study.files)
+        subjects[tag] = wait_for_imaging_study(fhir, study.study_uid)["subject"]["reference"]
+
+    patients = {f"Patient/{p['id']}": p for p in fhir.all("Patient")}
+    assert len(patients) == 3
+    assert subjects["a"] == subjects["a2"] and len({subjects["a"], subjects["b"], subjects["none"]}) == 3
+    for tag, issuer, name in cases:
+        patient = patients[subjects[tag]]
+        assert patient["name"][0]["family"] == name.split("^")[0]
+        assert patient["identifier"][0].get("assigner", {}).get("display") == issuer
+    assert "system" not in patients[subjects["none"]]["identifier"][0]  # no issuer: as before
+
+
+# -- a FHIR server added to an existing data dir (report bug 3) ----------------------------------
+
+def test_a_fhir_server_added_later_receives_the_studies_stored_before(
+        scp_factory, fhir_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    fhir = fhir_factory()
+    server = scp_factory()  # the directory only
+    study = make_study(tmp_path / "a", series=(("CT", 2),), seed="fhir-added-later")
+    storescu(server.port, study.files)
+    server.wait_for_study(study.study_uid, instances=2)
+    server.stop()
+
+    server.args = ("--fhir-url", fhir.base_url)
+    server.start()
+    imaging = wait_for_imaging_study(fhir, study.study_uid, instances=2, timeout=15)
+    assert imaging["meta"]["versionId"] == "1"
+    wait_for(lambda: outbox_rows(server.data_dir) == [], what="an empty outbox")
+    server.stop()
+    server.start()  # delivered once: a later start does not send it again
+    time.sleep(1.5)
+    assert studies_with_uid(fhir, study.study_uid)[0]["meta"]["versionId"] == "1"
