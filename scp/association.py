@@ -12,6 +12,11 @@ files and stores each request on the thread that read it; with
 When an association ends — released, aborted or dropped — its report (with the
 studies it touched) goes to ``on_end`` on the association's thread; that
 callback must only enqueue work.
+
+Stopping stops accepting, gives open associations :attr:`ListenerOptions.stop_grace` seconds to end on
+their own (a sender finishing its study and releasing), then aborts the rest; only then may the caller
+stop publishing and close the index, so that every C-STORE answered was answered against an open index
+and every association's report reached ``on_end``.
 """
 
 from __future__ import annotations
@@ -40,10 +45,13 @@ from scp.ingest import (CANNOT_UNDERSTAND, PROCESSING_FAILURE, Ingest, Rejected,
 from scp.metrics import Metrics
 from scp.records import Provenance
 from scp.temp_files import SpareFiles, TempFile
-from scp.transport import EventDrivenRequestHandler, StoreRequest
+from scp.transport import EventDrivenRequestHandler, StoreRequest, abort_association, open_associations
 from scp.uids import InvalidUID, check_uid
 
 log = logging.getLogger("scp.association")
+
+STOP_GRACE = 5.0  # seconds open associations get to end on their own when the server stops
+_ABORT_WAIT = 3.0  # seconds aborted associations get to wind down (their reports to reach on_end)
 
 # Process-wide pynetdicom switches (a server process has one store):
 _config.STORE_RECV_CHUNKED_DATASET = True  # datasets go to a temp file, never decoded in memory
@@ -92,6 +100,7 @@ class ListenerOptions:
     tls_port: int | None = None
     tls_context: ssl.SSLContext | None = None
     event_driven: bool = True  # scp.transport's adaptation (applied only to the pynetdicom it was written for)
+    stop_grace: float = STOP_GRACE  # on stop: seconds before open associations are aborted
 
 
 class _Server(ThreadedAssociationServer):
@@ -103,6 +112,10 @@ class _Server(ThreadedAssociationServer):
     - With TLS, the handshake happens on the association's own thread (first
       read), not in the accept loop, so a slow or silent client cannot stall
       every other connection.
+    - Every accepted socket times out after the network timeout: ``accept()``
+      makes it blocking whatever the listening socket's timeout, and a peer
+      that stops in the middle of a PDU or of the TLS handshake would hold its
+      thread, connection and association slot for ever (both transports).
     """
 
     daemon_threads = True
@@ -113,6 +126,7 @@ class _Server(ThreadedAssociationServer):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        client.settimeout(self.ae.network_timeout)  # kept by the TLS wrapper; None (no limit) when so configured
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -134,6 +148,7 @@ class Listener:
         self._metrics: Metrics = ingest.metrics
         self._on_end = on_end
         self._reports: dict[Any, AssociationReport] = {}
+        self._ending = 0  # reports on their way to on_end (see _end)
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
@@ -195,14 +210,40 @@ class Listener:
         thread.start()
 
     def stop(self) -> None:
+        """Stop accepting, end the open associations (see the module's docstring), release the temp files."""
         for server in self._servers:
             server.shutdown()
         for thread in self._threads:
             thread.join(10)
         self._servers, self._threads = [], []
+        self._end_associations()
         self._spare_files.close()
         if tempfile.tempdir == str(self._ingest.store.tmp_dir):
             tempfile.tempdir = self._previous_tempdir
+
+    def _end_associations(self) -> None:
+        """Wait up to ``stop_grace`` seconds for open associations to end, then abort the rest and wait a little
+        for them to wind down. One stuck beyond that (e.g. a store on a hung disk) is left behind with a
+        warning: whatever it acknowledged is in the index, and published at the next start."""
+        grace = self.options.stop_grace
+        if not self._wait_until_idle(grace):
+            return
+        remaining = open_associations(self._ae)
+        log.warning("stopping: aborting %d association(s) still open after %g s", len(remaining), grace)
+        for assoc in remaining:
+            threading.Thread(target=abort_association, args=(assoc,), name=f"abort {assoc.name}",
+                             daemon=True).start()
+        if self._wait_until_idle(_ABORT_WAIT):
+            log.warning("stopping with %d association(s) still running", len(open_associations(self._ae)))
+
+    def _wait_until_idle(self, seconds: float) -> bool:
+        """Wait until no association is open and no report is on its way to ``on_end``; True if time ran out."""
+        deadline = time.monotonic() + seconds
+        while open_associations(self._ae) or self._ending:
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.05)
+        return False
 
     # -- event handlers (run on each association's thread) --------------------------------
 
@@ -273,6 +314,8 @@ class Listener:
     def store(self, assoc: Any, request: StoreRequest) -> tuple[int, str | None]:
         """Store one received instance; the status and error comment to answer with (never raises)."""
         report = self._report(assoc)
+        if request.refusal is not None:  # the transport found the request unusable; nothing was written
+            return self._failure(report, CANNOT_UNDERSTAND, request.refusal, request)
         provenance = Provenance(
             calling_aet=report.calling_aet, called_aet=report.called_aet, peer=report.peer,
             association_id=report.association_id, received_at=time.time(),
@@ -324,11 +367,16 @@ class Listener:
         """Report an association exactly once, however it ended."""
         with self._lock:
             report = self._reports.pop(assoc, None)
-        if report is None:
-            return
-        report.ended = time.monotonic()
-        report.how = how
-        self._on_end(report)
+            if report is None:
+                return
+            self._ending += 1  # a stopping listener waits for it (its studies must be submitted)
+        try:
+            report.ended = time.monotonic()
+            report.how = how
+            self._on_end(report)
+        finally:
+            with self._lock:
+                self._ending -= 1
 
 
 def _called_aet(assoc: Any) -> str:

@@ -73,7 +73,12 @@ class Server:
             self.admin.start()
 
     def stop(self) -> None:
-        """Stop accepting, finish queued publications, close the index."""
+        """Stop accepting; let open associations end (a few seconds' grace, then an abort: see
+        :meth:`Listener.stop`); then finish queued publications and close the index.
+
+        In that order: a C-STORE answered during the grace is answered against an open index, and every
+        association's studies are submitted before the publisher stops (what it cannot deliver in time
+        stays in the outbox, and anything not even submitted is found unpublished at the next start)."""
         if self._stopped.is_set():
             return
         self._stopped.set()

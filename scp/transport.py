@@ -26,6 +26,12 @@ Every other message, and anything unexpected, takes pynetdicom's own path. Idle 
 (a wake-up every 50 ms to check timers). The adaptation applies only to the pynetdicom versions in
 :data:`ADAPTED_FOR`; any other version runs stock pynetdicom (and the tests in ``tests/test_transport.py``
 fail loudly, so the pin is revisited rather than silently ignored).
+
+A peer that stops in the middle of a PDU (or of the TLS handshake) must not hold a thread, a connection and
+an association slot for ever: the accepted socket carries the network timeout as its socket timeout (set by
+the server, :mod:`scp.association`), so a read or write that waits longer than that raises; the reactor
+then aborts the association (an A-ABORT when one is established), and what was acknowledged before is
+reported as usual. :func:`abort_association` ends an association from another thread (the server stopping).
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ import logging
 import os
 import queue
 import select
+import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +53,13 @@ from typing import Any, BinaryIO, Protocol
 import pynetdicom
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 from scp.temp_files import TempFile
+from scp.uids import MAX_UID_LENGTH
 
 log = logging.getLogger("scp.transport")
 
@@ -77,6 +85,9 @@ class StoreRequest:
     fd: int | None = None
     receive_error: OSError | None = None  # a failed write (e.g. ENOSPC): answer with a failure status
     transfer_syntax: str | None = None  # the context's transfer syntax exactly as the peer proposed it
+    # the request itself is unusable (an Affected SOP Class/Instance UID that cannot be a UID): answer 0xC000
+    # with this comment; the dataset was read and dropped, nothing was written
+    refusal: str | None = None
 
 
 class StoreHandler(Protocol):
@@ -137,6 +148,7 @@ class _EventDrivenDUL(DULServiceProvider):
         # context id → transfer syntaxes as proposed, byte for byte: pynetdicom's decoding strips whitespace
         # (a UID "1.2.3\n" becomes "1.2.3"), and what the peer really sent decides whether the C-STORE is valid
         self.proposed_transfer_syntaxes: dict[int, list[str]] = {}
+        self._abort_requested = False  # set from another thread (the server stopping): see abort_soon()
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -149,6 +161,12 @@ class _EventDrivenDUL(DULServiceProvider):
 
     def kill_dul(self) -> None:
         super().kill_dul()
+        self._wake()
+
+    def abort_soon(self) -> None:
+        """Abort the association on this thread at its next turn: asked from another thread, which must not
+        write to the socket itself (its bytes could land in the middle of a PDU this thread is sending)."""
+        self._abort_requested = True
         self._wake()
 
     def run_reactor(self) -> None:
@@ -172,6 +190,10 @@ class _EventDrivenDUL(DULServiceProvider):
                 self.assoc._dul_ready.set()
             if self._kill_thread:
                 return
+            if self._abort_requested:
+                log.warning("ending the association: the server is stopping")
+                self._end_now()
+                return
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
             try:
@@ -182,6 +204,8 @@ class _EventDrivenDUL(DULServiceProvider):
             except Exception:
                 log.exception("DUL reactor failed; aborting the association")
                 self._abort_hard()
+                return
+            if self._kill_thread:  # e.g. aborted after a network timeout: nothing queued since matters
                 return
             try:
                 event = self.event_queue.get(block=False)
@@ -269,19 +293,37 @@ class _EventDrivenDUL(DULServiceProvider):
         sock = self.socket.socket  # type: ignore[union-attr]
         try:
             data = self._recv_large(sock, size) if size > _MAX_BUFFER else self._recv_into_buffer(sock, size)
-        except (OSError, TimeoutError) as exc:
-            log.error("connection closed before the entire PDU was received: %s", exc)
-            self.event_queue.put("Evt17")
+        except TimeoutError:  # the socket's timeout: nothing came for the network timeout
+            log.error("network timeout: the peer sent nothing for %s s in the middle of a PDU (or of the TLS "
+                      "handshake), or did not read what we sent; ending the association", self.network_timeout)
+            self._end_now()
+            return None
+        except OSError as exc:
+            self._connection_lost("connection closed before the entire PDU was received: %s", exc)
             return None
         if len(data) < size:
             if len(data) or size != 6:  # nothing at all where a PDU would start: the peer just closed
-                log.error("the received PDU is shorter than expected (%d of %d bytes)", len(data), size)
-            self.event_queue.put("Evt17")
+                self._connection_lost("the received PDU is shorter than expected (%d of %d bytes)", len(data), size)
+            else:
+                self._connection_lost(None)
             return None
         return data
 
+    def _connection_lost(self, why: str | None, *args: object) -> None:
+        """The connection broke under a read (Evt17), unless it was shut down to end the association now
+        (:func:`abort_association`): then the association is aborted, as asked, without an error logged."""
+        if self._abort_requested:
+            self._end_now()
+            return
+        if why is not None:
+            log.error(why, *args)
+        self.event_queue.put("Evt17")
+
     def _recv_into_buffer(self, sock: Any, size: int) -> memoryview:
-        """Up to ``size`` bytes into the reused buffer (fewer only when the peer closed)."""
+        """Up to ``size`` bytes into the reused buffer (fewer only when the peer closed).
+
+        Bytes arriving count as network activity: the idle timer restarts whenever more must be read, so a
+        large PDU on a slow link is not taken for silence (a stalled one ends on the socket's timeout)."""
         if len(self._buffer) < size:
             self._buffer = bytearray(max(size, min(2 * len(self._buffer), _MAX_BUFFER)))
         view = memoryview(self._buffer)[:size]
@@ -291,10 +333,11 @@ class _EventDrivenDUL(DULServiceProvider):
             if not count:
                 break
             got += count
+            if got < size:
+                self._idle_timer.restart()
         return view[:got]
 
-    @staticmethod
-    def _recv_large(sock: Any, size: int) -> memoryview:
+    def _recv_large(self, sock: Any, size: int) -> memoryview:
         """Up to ``size`` bytes into a new buffer that grows as they arrive (fewer only when the peer closed)."""
         data = bytearray()
         while len(data) < size:
@@ -302,6 +345,7 @@ class _EventDrivenDUL(DULServiceProvider):
             if not chunk:
                 break
             data += chunk
+            self._idle_timer.restart()
         return memoryview(data)
 
     def _p_data(self, body: memoryview) -> None:
@@ -347,6 +391,16 @@ class _EventDrivenDUL(DULServiceProvider):
         except Exception:
             pass
         self._kill_thread = True  # the association reactor sees the DUL end and reports the abort
+
+    def _end_now(self) -> None:
+        """End this thread, with an A-ABORT when an association is established. Before that (e.g. a TLS
+        handshake that never finished) there is nothing to abort, and a write could wait on the peer again;
+        the association thread closes the connection when its wait for the A-ASSOCIATE-RQ ends (ACSE
+        timeout), or at once if it was already over."""
+        if self.assoc.is_established:
+            self._abort_hard()
+        else:
+            self._kill_thread = True
 
 
 class _EventDrivenAssociation(Association):
@@ -432,6 +486,26 @@ def parse_command(data: bytes | bytearray) -> dict[int, bytes] | None:
 
 def _text(raw: bytes | None) -> str | None:
     return raw.decode("ascii", "replace").rstrip("\x00 ") if raw is not None else None
+
+
+_REQUEST_UIDS = ((0x0002, "Affected SOP Class UID"), (0x1000, "Affected SOP Instance UID"))
+
+
+def request_uid_refusal(command: dict[int, bytes]) -> str | None:
+    """Why a C-STORE-RQ's Affected SOP Class/Instance UID cannot be a UID at all (a byte beyond ASCII, more
+    than 64 characters), or None. Such a request is refused (0xC000) before a file is taken: its UIDs could
+    neither go into the file meta nor be echoed in the response. Anything subtler (letters, leading zeros)
+    is left to the handler, which compares the request's UIDs with the dataset's."""
+    for element, name in _REQUEST_UIDS:
+        raw = command.get(element)
+        if raw is None:
+            continue
+        if not raw.isascii():
+            return f"{name} is not a UID (a byte beyond ASCII)"
+        length = len(raw.rstrip(b"\x00 "))
+        if length > MAX_UID_LENGTH:
+            return f"{name} is {length} characters long (at most {MAX_UID_LENGTH})"
+    return None
 
 
 def _unsigned(raw: bytes | None) -> int | None:
@@ -523,6 +597,20 @@ def p_data_tf(context_id: int, fragment: bytes) -> bytes:
     return _PDU_HEADER.pack(0x04, 0, len(item)) + item
 
 
+def command_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
+    """An encoded command set as P-DATA-TF PDUs no longer than the peer's maximum PDU length (0 = no limit):
+    one PDU when it fits, else one command fragment per PDU, as pynetdicom fragments it (each PDV's item
+    header takes 6 of the PDU's bytes)."""
+    room = max_pdu - 6 if max_pdu else len(command)
+    if room < 1:
+        raise ValueError(f"the peer's maximum PDU length {max_pdu} leaves no room for a command fragment")
+    if len(command) <= room:
+        return p_data_tf(context_id, b"\x03" + command)
+    starts = range(0, len(command), room)
+    return b"".join(p_data_tf(context_id, (b"\x03" if start + room >= len(command) else b"\x01")
+                              + command[start:start + room]) for start in starts)
+
+
 class _IncomingStore:
     """A C-STORE-RQ whose dataset is being streamed into a temp file (the chunked-receive file)."""
 
@@ -532,20 +620,25 @@ class _IncomingStore:
         self.command = command
         self.transfer_syntax_as_sent = transfer_syntax_as_sent
         self.error: OSError | None = None  # a failed write (e.g. ENOSPC): the data is dropped, not the link
+        self.head = bytearray()
+        self.file = TempFile("", -1)
+        # a request that cannot be stored whatever its dataset: the data is read and dropped, no file taken
+        self.refusal = request_uid_refusal(command)
+        if self.refusal is not None:
+            self._meta: bytes | None = None
+            return
+        # written together with the first fragment: one system call for a small instance. Made before the
+        # file is taken, so that nothing is left open if it fails.
+        self._meta = file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "", transfer_syntax)
         try:
             self.file = temp_file()
         except OSError as exc:  # no file to receive into (e.g. the disk is full): drop the data, answer 0xA700
-            self.file = TempFile("", -1)
             self.error = exc
-        self.head = bytearray()
-        # written together with the first fragment: one system call for a small instance
-        self._meta: bytes | None = file_meta(_text(command.get(0x0002)) or "", _text(command.get(0x1000)) or "",
-                                             transfer_syntax)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append received bytes; after a failed write the rest of the dataset is read and dropped, so the
         association lives on and the C-STORE can be answered with a failure status."""
-        if self.error is not None:
+        if self.error is not None or self.refusal is not None:
             return
         parts = (data,) if self._meta is None else (self._meta, data)
         self._meta = None
@@ -565,18 +658,20 @@ class _IncomingStore:
         """The last fragment is in (a dataset without bytes still gets its file meta)."""
         if self._meta is not None:
             self.write(b"")
-        if self.error is None:
+        if self.error is None and self.refusal is None:
             self.file.written()
 
     def request(self) -> StoreRequest:
-        """The request for a :class:`StoreHandler` (after :meth:`finish`)."""
+        """The request for a :class:`StoreHandler` (after :meth:`finish`). A refused request carries no UIDs:
+        they are not UIDs, and the response then leaves them out (both are optional in a C-STORE-RSP)."""
+        refused = self.refusal is not None
         return StoreRequest(
             message_id=_unsigned(self.command.get(0x0110)) or 0,
-            sop_class_uid=_text(self.command.get(0x0002)) or "",
-            sop_instance_uid=_text(self.command.get(0x1000)) or "",
+            sop_class_uid="" if refused else _text(self.command.get(0x0002)) or "",
+            sop_instance_uid="" if refused else _text(self.command.get(0x1000)) or "",
             path=self.file.path, size=self.file.size, head=self.head,  # the header reader copies what it keeps
-            fd=self.file.fd if self.error is None else None,
-            receive_error=self.error, transfer_syntax=self.transfer_syntax_as_sent,
+            fd=self.file.fd if self.error is None and not refused else None,
+            receive_error=self.error, transfer_syntax=self.transfer_syntax_as_sent, refusal=self.refusal,
         )
 
     def discard(self) -> None:
@@ -604,6 +699,9 @@ class _FastStoreDimse(DIMSEServiceProvider):
             self._receive_fragment(int(context_id), data)
 
     def _receive_fragment(self, context_id: int, data: bytes | memoryview) -> None:
+        if context_id not in self.assoc._accepted_cx:
+            self._unknown_context(context_id)
+            return
         control = data[0]
         if self.message is not None:  # a message on pynetdicom's own path
             self._stock(context_id, data)
@@ -624,6 +722,15 @@ class _FastStoreDimse(DIMSEServiceProvider):
                 self._command_complete(context_id, command)
         else:
             self._stock(context_id, data)  # data without a command: let pynetdicom report it
+
+    def _unknown_context(self, context_id: int) -> None:
+        """A fragment on a presentation context the association did not accept: a protocol error, since
+        nothing says how to read it (PS3.8 9.3.5, 7.6). It is treated as an invalid PDU (Evt19, AA-8: an
+        A-ABORT from the service provider) before anything is made for the message: pynetdicom's own path
+        would open a temp file for its dataset, then fail to find the context and leave the file open."""
+        log.error("P-DATA on presentation context %d, which this association did not accept: aborting", context_id)
+        self._command = bytearray()
+        self.dul.event_queue.put("Evt19")  # the partial dataset, if any, goes when the DUL thread ends
 
     def _command_complete(self, context_id: int, command: bytearray) -> None:
         elements = parse_command(command)
@@ -651,18 +758,10 @@ class _FastStoreDimse(DIMSEServiceProvider):
             store.discard()
         command = store_response_command(request.message_id, request.sop_class_uid, request.sop_instance_uid,
                                          status, comment)
-        limit = self.maximum_pdu_size
-        if limit and len(command) + 6 > limit:  # a peer with a tiny PDU limit: pynetdicom fragments it
-            response = C_STORE()
-            response.MessageIDBeingRespondedTo = request.message_id
-            response.AffectedSOPClassUID = request.sop_class_uid
-            response.AffectedSOPInstanceUID = request.sop_instance_uid
-            response.Status = status
-            if comment:
-                response.ErrorComment = comment
-            DIMSEServiceProvider.send_msg(self, response, store.context_id)
-            return
-        self.dul.send_now(p_data_tf(store.context_id, b"\x03" + command))  # type: ignore[attr-defined]
+        # fragmented here for a peer with a tiny PDU limit, not through a pynetdicom primitive: its setters
+        # validate the UIDs, and a request's may well be invalid (that is why it is being refused)
+        pdus = command_pdus(store.context_id, command, self.maximum_pdu_size)
+        self.dul.send_now(pdus)  # type: ignore[attr-defined]
 
     def _stock(self, context_id: int, data: bytes | memoryview) -> None:
         pdata = P_DATA()
@@ -707,3 +806,55 @@ class EventDrivenRequestHandler(RequestHandler):
         if not adapted():
             return assoc
         return _make_event_driven(assoc, getattr(self.server, "store_handler", None))
+
+
+# -- ending associations from another thread (the server stopping) ---------------------------------------
+
+def open_associations(ae: pynetdicom.AE) -> list[Association]:
+    """The AE's associations still holding a connection: established ones, and connections whose DUL thread
+    still runs (e.g. a peer that has not finished its A-ASSOCIATE-RQ or its TLS handshake)."""
+    return [assoc for assoc in ae.active_associations if assoc.is_established or assoc.dul.is_alive()]
+
+
+def abort_association(assoc: Association, patience: float = 0.5) -> None:
+    """End ``assoc`` now, from another thread (the server is stopping).
+
+    Event-driven: its own DUL thread sends the A-ABORT (two threads writing one socket could interleave
+    PDUs). A thread still running after ``patience`` seconds is waiting on the peer (a PDU or a TLS
+    handshake left half-sent): the connection's read side is shut down under it, so that read ends at once
+    and the A-ABORT can still go out; after ``patience`` more (a write the peer does not read), both sides.
+    Stock pynetdicom: the same shutdowns, which its DUL sees as the connection closing (no A-ABORT), then
+    its own ``kill``. Either way the association reports its end, so what it acknowledged is published.
+    """
+    dul = assoc.dul
+    event_driven = isinstance(dul, _EventDrivenDUL)
+
+    def running() -> bool:  # a stock DUL thread does not end by itself: it waits in Sta1 to be stopped
+        return dul.is_alive() and (event_driven or dul.state_machine.current_state != "Sta1")
+
+    if event_driven:
+        dul.abort_soon()
+        dul.join(patience)
+    sock = getattr(dul.socket, "socket", None)
+    for how in (socket.SHUT_RD, socket.SHUT_RDWR):
+        if not running():
+            break
+        _shut_down(sock, how)
+        deadline = time.monotonic() + patience
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if not event_driven:
+        assoc.kill()
+
+
+def _shut_down(sock: socket.socket | None, how: int) -> None:
+    """Shut a connection down (``how``: a ``socket.SHUT_*``), so that a read or write waiting on it returns now.
+
+    The plain socket's shutdown even for TLS: ``SSLSocket.shutdown`` would drop its TLS state first, under
+    a thread that may still be using it."""
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass  # already closed

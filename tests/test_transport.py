@@ -113,6 +113,26 @@ def test_store_response_bytes_equal_pynetdicom_encoding() -> None:
         assert ours == pynetdicom_store_response(**fields), fields
 
 
+@pytest.mark.parametrize("max_pdu", [0, 16384, 150, 64, 20, 7])
+def test_response_pdus_equal_pynetdicom_fragmentation(max_pdu: int) -> None:
+    """A response longer than the peer's maximum PDU is cut as pynetdicom cuts it (one fragment per PDU)."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 3
+    primitive.Status = 0xC000
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.3.44"
+    primitive.ErrorComment = "Study Instance UID is missing"
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    fragments = [bytes(f) for p in message.encode_msg(5, max_pdu) for _, f in p.presentation_data_value_list]
+    command = b"".join(f[1:] for f in fragments)
+    expected = b"".join(transport.p_data_tf(5, f) for f in fragments)
+    assert transport.command_pdus(5, command, max_pdu) == expected
+
+
 def test_file_meta_bytes_equal_pynetdicom_chunked_receive() -> None:
     from io import BytesIO
 
