@@ -134,6 +134,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _serve(settings: Settings) -> int:
     from scp.server import Server
+    from scp.store import DataDirInUse
 
     server = Server(settings)
 
@@ -143,7 +144,11 @@ def _serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.start()
+    try:
+        server.start()
+    except DataDirInUse as exc:
+        print(f"imagingstudy-scp: {exc}", file=sys.stderr)
+        return 1
     log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,
              server.port, settings.fhir_version or "R6 (FHIR servers: their own)", settings.data_dir)
     server.wait()
@@ -153,14 +158,21 @@ def _serve(settings: Settings) -> int:
 def _reindex(settings: Settings) -> int:
     from scp.index import INDEX_FILE, Index
     from scp.reconcile import reindex
-    from scp.store import Store
+    from scp.store import DataDirInUse, DataDirLock, Store
 
     store = Store(settings.data_dir, fsync=settings.fsync)
+    lock = DataDirLock(store.data_dir)
+    try:
+        lock.acquire()  # not under a running server: its C-STOREs would wait on the index for the whole reindex
+    except DataDirInUse as exc:
+        print(f"imagingstudy-scp: {exc}", file=sys.stderr)
+        return 1
     index = Index(store.data_dir / INDEX_FILE)
     try:
         count = reindex(store, index)
     finally:
         index.close()
+        lock.release()
     log.info("reindexed %d instances in %s", count, store.data_dir)
     print(count)
     return 0

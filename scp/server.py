@@ -23,7 +23,7 @@ from scp.settings import Settings
 from scp.sinks.base import Sink
 from scp.sinks.directory import DirectorySink
 from scp.sinks.fhir_server import fhir_sinks
-from scp.store import Store
+from scp.store import DataDirLock, Store
 from scp.tls import server_context
 from scp.validation import prepare
 
@@ -37,6 +37,7 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.store = Store(settings.data_dir, fsync=settings.fsync)
+        self._data_dir_lock = DataDirLock(self.store.data_dir)
         self.index = Index(self.store.data_dir / INDEX_FILE)
         self.publisher = publisher_for(settings, self.index, self.metrics)
         self.metrics.track_queue(self.publisher.depth, self.publisher.oldest_age)
@@ -55,7 +56,16 @@ class Server:
         return self.listener.port
 
     def start(self) -> None:
-        """Recover from any earlier stop, then accept associations."""
+        """Take the data dir (:class:`DataDirInUse` when another server holds it), recover from any earlier
+        stop, then accept associations."""
+        self._data_dir_lock.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self._data_dir_lock.release()
+            raise
+
+    def _start(self) -> None:
         removed = self.store.clean_tmp()
         if removed:
             log.info("removed %d temp files left by an earlier stop", removed)
@@ -87,6 +97,7 @@ class Server:
         self.listener.stop()
         self.publisher.stop()
         self.index.close()
+        self._data_dir_lock.release()
 
     def wait(self) -> None:
         self._stopped.wait()

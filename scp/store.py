@@ -9,6 +9,7 @@ file, never a partial instance.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import threading
@@ -21,6 +22,46 @@ from scp.uids import check_uid
 
 STUDIES = "studies"
 TMP = "tmp"
+
+
+LOCK_FILE = "lock"
+
+
+class DataDirInUse(RuntimeError):
+    """Another server (or ``reindex``) holds the data dir."""
+
+
+class DataDirLock:
+    """An exclusive lock on a data dir, held by the server while it runs and by ``reindex``.
+
+    Two servers on one data dir would both deliver its outbox and both reconcile its index; a reindex under a
+    running server holds the index's write lock while it reads every file, so C-STOREs time out. An advisory
+    ``flock`` on ``<data-dir>/lock`` is released by the kernel when the process dies, so a crash never leaves a
+    stale lock; the file holds the holder's PID for the message.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(data_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`DataDirInUse` naming the process that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(f"{self.path.parent} is in use by process {holder} (a running server?); "
+                               "stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
 
 
 class StoredFileState(NamedTuple):

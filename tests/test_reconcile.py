@@ -16,7 +16,7 @@ from scp.index import Index
 from scp.ingest import Ingest
 from scp.reconcile import reconcile, reindex
 from scp.records import Provenance, StoredInstance
-from scp.store import Store
+from scp.store import DataDirInUse, DataDirLock, Store
 
 SOP = "1.2.3.9.7"
 STUDY_1, SERIES_1 = "1.2.3.500", "1.2.3.500.1"
@@ -133,3 +133,13 @@ def test_a_reindex_in_another_process_is_seen_by_the_running_index(store: Store,
     finally:
         other.close()
     assert [i.header.attributes["PatientName"] for i in index.study_instances(STUDY_1)] == ["Fix^Name"]
+
+
+def test_a_data_dir_is_held_by_one_process_at_a_time(store: Store) -> None:
+    first, second = DataDirLock(store.data_dir), DataDirLock(store.data_dir)
+    first.acquire()
+    with pytest.raises(DataDirInUse, match=f"in use by process {os.getpid()}"):
+        second.acquire()
+    first.release()
+    second.acquire()  # free again once released (or once its process died: the kernel drops a flock)
+    second.release()
