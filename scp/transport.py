@@ -492,14 +492,15 @@ _REQUEST_UIDS = ((0x0002, "Affected SOP Class UID"), (0x1000, "Affected SOP Inst
 
 
 def request_uid_refusal(command: dict[int, bytes]) -> str | None:
-    """Why a C-STORE-RQ's Affected SOP Class/Instance UID cannot be a UID at all (a byte beyond ASCII, more
-    than 64 characters), or None. Such a request is refused (0xC000) before a file is taken: its UIDs could
-    neither go into the file meta nor be echoed in the response. Anything subtler (letters, leading zeros)
-    is left to the handler, which compares the request's UIDs with the dataset's."""
+    """Why a C-STORE-RQ's Affected SOP Class/Instance UID is missing or cannot be a UID at all (a byte beyond
+    ASCII, more than 64 characters), or None. Such a request is refused (0xC000) before a file is taken: both
+    are mandatory (PS3.7 9.1.1.1), and these could neither go into the file meta nor be echoed in the
+    response. Anything subtler (letters, leading zeros) is left to the handler, which compares the request's
+    UIDs with the dataset's."""
     for element, name in _REQUEST_UIDS:
         raw = command.get(element)
-        if raw is None:
-            continue
+        if not raw or not raw.rstrip(b"\x00 "):
+            return f"the request has no {name}"
         if not raw.isascii():
             return f"{name} is not a UID (a byte beyond ASCII)"
         length = len(raw.rstrip(b"\x00 "))

@@ -97,8 +97,8 @@ def read_study(data_dir: Path, study: str) -> dict[str, Any]:
 # -- a C-STORE-RQ whose UIDs cannot be UIDs (report bug 1), a response longer than a tiny PDU (bug 5) -------
 
 def test_request_uids_that_cannot_be_uids_are_refused_and_nothing_is_taken(tmp_path: Path) -> None:
-    """A byte beyond ASCII or an absurd length in the request's Affected SOP Class/Instance UID: the dataset
-    is read and dropped, 0xC000 with an Error Comment, no temp file taken or left open, the association
+    """A byte beyond ASCII, an absurd length or nothing at all in the request's Affected SOP Class/Instance UID:
+    the dataset is read and dropped, 0xC000 with an Error Comment, no temp file taken or left open, the association
     goes on."""
     good = instance(tmp_path / "g")
     cases = [
@@ -106,6 +106,8 @@ def test_request_uids_that_cannot_be_uids_are_refused_and_nothing_is_taken(tmp_p
         (CT_IMAGE_STORAGE.encode(), good.sop.encode()[:-2] + b"\xe9\xe9", "Affected SOP Instance UID is not"),
         (CT_IMAGE_STORAGE.encode(), b"1." + b"2" * 70000, "Affected SOP Instance UID is 70002 characters"),
         (CT_IMAGE_STORAGE.encode(), b"1." + b"2" * 68, "Affected SOP Instance UID is 70 characters"),
+        (b"", good.sop.encode(), "the request has no Affected SOP Class UID"),  # mandatory, both
+        (CT_IMAGE_STORAGE.encode(), b"\x00", "the request has no Affected SOP Instance UID"),
     ]
     with StorageSCP(tmp_path / "data") as scp:
         listener = scp._server.listener  # type: ignore[union-attr]
