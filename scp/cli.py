@@ -242,7 +242,8 @@ def _publish(settings: Settings, study_uid: str) -> int:
         print(f"imagingstudy-scp: study {study_uid} was not published"
               + (": " + "; ".join(outcome.problems) if outcome.problems else ""), file=sys.stderr)
         return 1
-    print(f"published {study_uid} to {', '.join(outcome.sinks)}")
+    done = "withdrew {} from {}" if outcome.withdrawn else "published {} to {}"  # withdrawn: no instances left
+    print(done.format(study_uid, ", ".join(outcome.sinks)))
     return 0
 
 

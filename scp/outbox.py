@@ -12,11 +12,16 @@ delivery state for that sink:
     (exponential backoff with jitter, capped), for as long as it takes.
 ``delivered``
     the sink accepted the study as it stood at ``delivered_count`` instances, newest received at
-    ``delivered_up_to`` (the index's own notion of "covered").
+    ``delivered_up_to`` (the index's own notion of "covered"). ``delivered_count`` 0 means the
+    study was *withdrawn*: it had no stored instances any more (its last instance moved to another
+    study, or its files were removed), and the sink was told to drop what it held, which it did;
+    ``delivered_up_to`` is then when the study was seen empty, so that an older delivery made
+    beside the workers (``publish``) cannot be recorded over the withdrawal (:meth:`Outbox.record_direct`).
 ``dead``
     the sink refused it for good (a non-retryable answer, or a resource that failed our own
     validation); ``last_error`` and ``outcome`` (the server's OperationOutcome) say why. Dead
-    items wait for ``imagingstudy-scp outbox retry`` or for new content of the study.
+    items wait for ``imagingstudy-scp outbox retry`` or for new content of the study. A dead item
+    with ``tried_count`` 0 is a withdrawal the sink refused.
 
 The file is ``<data-dir>/outbox.sqlite3`` (WAL): the server, ``outbox`` and ``publish`` may use
 it at the same time from different processes; the server's workers poll it, so a retry asked for
@@ -163,12 +168,15 @@ class Outbox:
                 (now, ended_at, ended_at, now, now, sink, uid))
 
     def submit_uncovered(self, sink: str, study_uid: str, count: int, up_to: float,
-                         now: float | None = None) -> bool:
+                         now: float | None = None, *, if_known: bool = False) -> bool:
         """Queue the study for ``sink`` unless the sink already has it as the index holds it now.
 
         Start-up recovery: a study delivered at this state is left alone, a pending one stays
         pending (it will be assembled afresh anyway), and a dead one stays dead while its
-        content is what the sink refused (``outbox retry`` revives it). True when queued.
+        content is what the sink refused (``outbox retry`` revives it). For a study without
+        instances (``count`` 0, ``up_to`` 0) that means: withdrawn, or its withdrawal refused.
+        ``if_known``: a sink with no row for the study is left alone (it was never given it, so
+        there is nothing to withdraw). True when queued.
         """
         now = time.time() if now is None else now
         with self._lock:
@@ -177,10 +185,10 @@ class Outbox:
                 row = self._db.execute(
                     "SELECT state, delivered_count, delivered_up_to, tried_count, tried_up_to FROM outbox "
                     "WHERE sink = ? AND study_uid = ?", (sink, study_uid)).fetchone()
-                covered = row is not None and (
+                covered = (if_known if row is None else (
                     row[0] == PENDING
                     or (row[0] == DELIVERED and row[1] == count and (row[2] or 0) >= up_to)
-                    or (row[0] == DEAD and row[3] == count and (row[4] or 0) >= up_to))
+                    or (row[0] == DEAD and row[3] == count and (row[4] or 0) >= up_to)))
                 if not covered:
                     self._submit(sink, study_uid, None, now)
                 self._db.execute("COMMIT")
@@ -275,12 +283,6 @@ class Outbox:
                 (item.revision, now, error, status, outcome, count, up_to, now, item.sink, item.study_uid)).fetchall()
         return bool(rows) and rows[0][0] == DEAD
 
-    def drop(self, item: OutboxItem) -> None:
-        """Forget an item whose study is gone (no stored instances left)."""
-        with self._lock:
-            self._db.execute("DELETE FROM outbox WHERE sink = ? AND study_uid = ? AND revision = ?",
-                             (item.sink, item.study_uid, item.revision))
-
     def record_direct(self, sink: str, study_uid: str, count: int, up_to: float, now: float | None = None) -> bool:
         """A delivery made outside the workers (``publish``) of the study at ``count``/``up_to``.
 
@@ -352,6 +354,28 @@ class Outbox:
                 "SELECT DISTINCT study_uid FROM outbox WHERE sink != ? AND study_uid NOT IN "
                 "(SELECT study_uid FROM outbox WHERE sink = ?) ORDER BY study_uid", (sink, sink)).fetchall()
         return [row[0] for row in rows]
+
+    def held(self, sinks: Sequence[str]) -> list[str]:
+        """Studies some of ``sinks`` may hold content of, as far as the outbox knows: delivered with
+        instances, or dead after a refused publication (an earlier delivery may be there).
+
+        Start-up compares these with the index: one that has no stored instances any more (its last
+        instance moved, and the server died before the association's end queued the old study) must
+        be withdrawn. Pending rows are left out: the workers look at them anyway.
+        """
+        marks = ",".join("?" * len(sinks))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT DISTINCT study_uid FROM outbox WHERE sink IN ({marks}) AND "
+                "((state = 'delivered' AND delivered_count > 0) OR (state = 'dead' AND coalesce(tried_count, 1) != 0))"
+                " ORDER BY study_uid", tuple(sinks)).fetchall()
+        return [row[0] for row in rows]
+
+    def known(self, study_uid: str) -> bool:
+        """Whether any sink has a row for the study (it was submitted, delivered or withdrawn once)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM outbox WHERE study_uid = ? LIMIT 1", (study_uid,)).fetchone() \
+                is not None
 
     def get(self, sink: str, study_uid: str) -> OutboxItem | None:
         with self._lock:

@@ -8,6 +8,13 @@ latest. A failed delivery is retried with exponential backoff and jitter for as 
 a refusal that trying again cannot cure (or a resource that fails our own validation, which is a
 bug, kept under ``rejected/``) dead-letters the item until ``imagingstudy-scp outbox retry``.
 
+A study whose turn comes when it has no stored instances any more (its last instance was re-sent
+into another study, or its files were removed and start-up dropped their rows) is *withdrawn*
+from the sink instead (:meth:`Sink.withdraw`), through the same item, backoff and dead letters:
+otherwise the sink would keep listing those instances, possibly in two studies at once. The
+outbox then records the study as delivered with 0 instances, which the start-up checks read
+as "nothing to do" (:meth:`Publisher.resume`, :meth:`Publisher.withdraw_emptied`).
+
 Sinks may want different FHIR releases (the directory the configured one, a FHIR server its
 own): the ImagingStudy of each release is built and validated at most once per study content,
 whichever sinks and threads ask for it (:class:`_Assembler`).
@@ -49,9 +56,10 @@ class Outcome:
     """What happened to one study's publication."""
 
     study_uid: str
-    published: bool
+    published: bool  # every sink has the study as it stands (withdrawn ones: holds nothing of it)
     sinks: tuple[str, ...]
     problems: tuple[str, ...] = ()
+    withdrawn: bool = False  # the study had no stored instances: the sinks were told to drop what they held
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,8 @@ class _Assembler:
                 slot.value = self._build(study_uid, version, instances)
             return slot.value
 
-    def _build(self, study_uid: str, version: FhirVersion, instances: Sequence[StoredInstance]) -> Publication | _Rejected:
+    def _build(self, study_uid: str, version: FhirVersion,
+               instances: Sequence[StoredInstance]) -> Publication | _Rejected:
         self.builds += 1
         options = dataclasses.replace(self._options, version=version)
         mapped = build_imaging_study([i.header for i in instances], options)
@@ -158,6 +167,7 @@ class Publisher:
         if resumed:
             log.info("outbox: %d pending deliveries resumed", resumed)
         self.backfill()
+        self.withdraw_emptied()
         for sink in self._sinks:
             thread = threading.Thread(target=self._work, args=(sink,), name=f"publisher {sink.name}", daemon=True)
             thread.start()
@@ -208,17 +218,20 @@ class Publisher:
 
         ``changed`` studies (files the index had lost or that vanished) go to every sink again;
         for the others each sink is asked only if it has not delivered the study as it stands,
-        and a dead item stays dead while its content is unchanged.
+        and a dead item stays dead while its content is unchanged. A study with no stored
+        instances is queued, for withdrawal, only for the sinks that may still hold it: one
+        withdrawn already (delivered with 0 instances) is not withdrawn again at every start.
         """
         forced = set(changed)
         queued = 0
         for uid in study_uids:
+            state = self._index.study_state(uid)
+            if state is None:  # nothing stored (any more): withdrawn from each sink that may hold it
+                queued += self._queue_withdrawal(uid)
+                continue
             if uid in forced:
                 self._outbox.submit(self._names, [uid])
                 queued += 1
-                continue
-            state = self._index.study_state(uid)
-            if state is None:
                 continue
             count, up_to = state
             queued += sum(self._outbox.submit_uncovered(name, uid, count, up_to) for name in self._names)
@@ -246,6 +259,29 @@ class Publisher:
         if queued:
             self._wake_all()
         return queued
+
+    def withdraw_emptied(self) -> int:
+        """Queue for withdrawal the studies some sink holds though the index has no instances of them.
+
+        The association that moved a study's last instance elsewhere queues the old study when it
+        ends; a server that dies before that never does, and the index has no row left to say the
+        study was there (its "unpublished" list only knows studies with instances). The outbox
+        does: this looks at every study a sink holds (one outbox query, then one cheap count per
+        study). How many withdrawals were queued.
+        """
+        queued = 0
+        for uid in self._outbox.held(self._names):
+            if self._index.study_state(uid) is None:
+                queued += self._queue_withdrawal(uid)
+        if queued:
+            log.info("outbox: %d withdrawals queued of studies left without stored instances", queued)
+            self._wake_all()
+        return queued
+
+    def _queue_withdrawal(self, uid: str) -> int:
+        """Queue a study without instances for every sink that may hold it (not one that was never given it,
+        nor one that withdrew it or refused to); how many sinks."""
+        return sum(self._outbox.submit_uncovered(name, uid, *EMPTY, if_known=True) for name in self._names)
 
     def depth(self) -> int:
         """Studies waiting for at least one sink."""
@@ -279,9 +315,13 @@ class Publisher:
         or has queued the study meanwhile, what this sent may have landed after newer content,
         so the outbox queues it again instead of recording it (:meth:`Outbox.record_direct`),
         and the index is told "published" only when every sink holds the study as it stands.
+
+        A study without stored instances that the outbox knows is withdrawn from every sink (the
+        same rules: a failure is queued); one it has never heard of (a mistyped UID) is left alone.
         """
-        if self._index.study_state(study_uid) is None:
-            log.warning("study %s has no stored instances; nothing to publish", study_uid)
+        empty = self._index.study_state(study_uid) is None
+        if empty and not self._outbox.known(study_uid):
+            log.warning("study %s has no stored instances and was never published; nothing to publish", study_uid)
             return Outcome(study_uid, False, ())
         wall_end = time.time() - (time.monotonic() - ended_at) if ended_at is not None else None
         delivered: list[str] = []
@@ -301,17 +341,19 @@ class Publisher:
         recorded = {state for state in states if state is not None}
         if len(delivered) == len(self._sinks) and None not in states and len(recorded) == 1:
             count, up_to = recorded.pop()
-            if self._index.study_state(study_uid) == (count, up_to):  # nothing newer stored meanwhile
+            if (self._index.study_state(study_uid) or EMPTY) == (count, up_to):  # nothing newer stored meanwhile
                 self._index.record_publication(study_uid, count, up_to, time.time())
         self._wake_all()
-        return Outcome(study_uid, len(delivered) == len(self._sinks), tuple(delivered), tuple(problems))
+        return Outcome(study_uid, len(delivered) == len(self._sinks), tuple(delivered), tuple(problems), empty)
 
     def _publish_direct(self, sink: Sink, study_uid: str, wall_end: float | None) -> tuple[int, float] | None:
         """Deliver the study as it stands now to one sink (raises on failure); the state recorded as
-        delivered, or None when the outbox queued the study again because newer content may be there."""
+        delivered (:data:`EMPTY` for a withdrawal), or None when the outbox queued the study again
+        because newer content may be there."""
+        seen = time.time()
         instances = self._index.study_instances(study_uid)
         if not instances:
-            raise DeliveryError("no stored instances any more", retryable=True)
+            return self._withdraw_direct(sink, study_uid, seen, wall_end)
         count, up_to = len(instances), max(i.provenance.received_at for i in instances)
         publication = self._publication(sink, study_uid, instances)
         if isinstance(publication, _Rejected):
@@ -322,6 +364,18 @@ class Publisher:
             return count, up_to
         log.info("study %s: %s was given newer content of it meanwhile, or has it queued: queued again, so that "
                  "the newest content is sent last", study_uid, sink.name)
+        return None
+
+    def _withdraw_direct(self, sink: Sink, study_uid: str, seen_empty: float,
+                         wall_end: float | None) -> tuple[int, float] | None:
+        """Withdraw a study without instances from one sink now (raises on failure); recorded like a delivery
+        made beside the workers, with the time the study was seen empty as its "newest" (see record_direct)."""
+        delivery = _withdraw_from(sink, study_uid)
+        self._withdrawn_event(sink, study_uid, delivery, wall_end)
+        if self._outbox.record_direct(sink.name, study_uid, 0, seen_empty):
+            return EMPTY
+        log.info("study %s: %s was given content of it newer than this withdrawal, or has it queued: queued "
+                 "again", study_uid, sink.name)
         return None
 
     # -- the workers -----------------------------------------------------------------------------
@@ -386,10 +440,10 @@ class Publisher:
 
     def _attempt(self, sink: Sink, item: OutboxItem) -> None:
         uid = item.study_uid
+        seen = time.time()
         instances = self._index.study_instances(uid)
         if not instances:
-            log.warning("study %s has no stored instances any more; dropped from the outbox of %s", uid, sink.name)
-            self._outbox.drop(item)
+            self._withdraw(sink, item, seen)
             return
         count, up_to = len(instances), max(i.provenance.received_at for i in instances)
         publication: Publication | _Rejected | None = None
@@ -409,12 +463,42 @@ class Publisher:
                          publication)
             return
         now = time.time()
-        self._failing[sink.name] = 0
-        self._paused_until.pop(sink.name, None)
+        self._sink_answered(sink)
         done = self._outbox.delivered(item, count, up_to, now)
         self._delivered_event(sink, publication, delivery, item.ended_at, now)
         if done and self._outbox.fully_delivered(self._names, uid, count, up_to):
             self._index.record_publication(uid, count, up_to, now)
+
+    def _withdraw(self, sink: Sink, item: OutboxItem, seen_empty: float) -> None:
+        """The study has no stored instances: have the sink drop what it holds of it, as a delivery of nothing.
+
+        Recorded as delivered with 0 instances up to ``seen_empty``, so start-up leaves it alone and new
+        instances of the study publish it again; the index is told "published as empty" once every sink
+        has withdrawn it. Failures follow the publication rules (backoff, sink pause, dead letter).
+        """
+        uid = item.study_uid
+        try:
+            delivery = _withdraw_from(sink, uid)
+        except DeliveryError as exc:
+            self._failed(sink, item, exc, 0, seen_empty, None, action="withdrawal")
+            return
+        except Exception as exc:  # as for publications: retry, loudly at first
+            if item.attempts == 0:
+                log.exception("withdrawal of study %s from %s raised", uid, sink.name)
+            self._failed(sink, item, DeliveryError(f"{type(exc).__name__}: {exc}", retryable=True), 0, seen_empty,
+                         None, action="withdrawal")
+            return
+        now = time.time()
+        self._sink_answered(sink)
+        done = self._outbox.delivered(item, 0, seen_empty, now)
+        self._withdrawn_event(sink, uid, delivery, item.ended_at, now)
+        if done and self._outbox.fully_delivered(self._names, uid, *EMPTY) and self._index.study_state(uid) is None:
+            self._index.record_publication(uid, *EMPTY, now)
+
+    def _sink_answered(self, sink: Sink) -> None:
+        """The sink works again: no more pause for it."""
+        self._failing[sink.name] = 0
+        self._paused_until.pop(sink.name, None)
 
     def _delivered_event(self, sink: Sink, publication: Publication, delivery: Delivery, ended_at: float | None,
                          now: float | None = None) -> None:
@@ -434,8 +518,27 @@ class Publisher:
                    series=resource["numberOfSeries"], instances=resource["numberOfInstances"],
                    version=str(publication.version), latency=latency, detail=delivery.detail, **extra)
 
+    def _withdrawn_event(self, sink: Sink, study_uid: str, delivery: Delivery, ended_at: float | None,
+                         now: float | None = None) -> None:
+        """The "publication" record (result ``withdrawn``) and metrics of a withdrawal the sink carried out."""
+        now = time.time() if now is None else now
+        latency = max(0.0, now - ended_at) if ended_at is not None else None
+        self._metrics.publications.labels(sink=sink.name, result="withdrawn").inc()
+        if latency is not None:
+            self._metrics.publication_latency.labels(sink=sink.name).observe(latency)
+        shown = f" latency={latency:.3f}s" if latency is not None else ""
+        extra = {k: v for k, v in delivery.fields.items() if k not in _EVENT_KEYS}
+        logs.event(log, logging.INFO, "publication",
+                   f"withdrew study={study_uid} sink={sink.name}: it has no stored instances any more{shown} -> "
+                   f"{delivery.detail}",
+                   study_uid=study_uid, sink=sink.name, result="withdrawn", series=0, instances=0,
+                   latency=latency, detail=delivery.detail, **extra)
+
     def _failed(self, sink: Sink, item: OutboxItem, exc: DeliveryError, count: int, up_to: float,
-                publication: Publication | _Rejected | None) -> None:
+                publication: Publication | _Rejected | None, *, action: str = "publication") -> None:
+        """Record a failed attempt: retry with backoff (pausing the sink when the sink itself fails) or dead-letter.
+
+        ``action`` ("publication" or "withdrawal") names what failed in the message and the record."""
         outcome = orjson.dumps(exc.outcome).decode() if exc.outcome is not None else None
         version = str(publication.version) if publication is not None else None
         extra = {k: v for k, v in exc.fields.items() if k not in _EVENT_KEYS}
@@ -450,9 +553,9 @@ class Publisher:
                                 up_to=up_to)
             self._metrics.publications.labels(sink=sink.name, result="failed").inc()
             logs.event(log, logging.WARNING, "publication",
-                       f"publication of study={item.study_uid} to sink={sink.name} failed (attempt {attempts}): "
-                       f"{exc}; next attempt in {delay:.1f}s",
-                       study_uid=item.study_uid, sink=sink.name, result="retry", attempts=attempts,
+                       f"{action} of study={item.study_uid} {_TO[action]} sink={sink.name} failed "
+                       f"(attempt {attempts}): {exc}; next attempt in {delay:.1f}s",
+                       study_uid=item.study_uid, sink=sink.name, result="retry", action=action, attempts=attempts,
                        status=exc.status, error=str(exc), retry_in=round(delay, 3), version=version,
                        outcome=exc.outcome, **extra)
             return
@@ -460,12 +563,26 @@ class Publisher:
         self._metrics.publications.labels(sink=sink.name, result="dead" if dead else "failed").inc()
         said = f"; OperationOutcome: {outcome}" if outcome else ""
         logs.event(log, logging.ERROR, "publication",
-                   f"publication of study={item.study_uid} to sink={sink.name} refused: {exc}{said}; "
+                   f"{action} of study={item.study_uid} {_TO[action]} sink={sink.name} refused: {exc}{said}; "
                    + ("dead-lettered (imagingstudy-scp outbox retry re-queues it)" if dead
                       else "newer content is pending: trying that"),
-                   study_uid=item.study_uid, sink=sink.name, result="dead" if dead else "retry",
+                   study_uid=item.study_uid, sink=sink.name, result="dead" if dead else "retry", action=action,
                    status=exc.status, error=str(exc), version=version, outcome=exc.outcome, **extra)
 
 
+def _withdraw_from(sink: Sink, study_uid: str) -> Delivery:
+    """``sink.withdraw``; a sink written before withdrawals existed dead-letters the item instead of failing
+    with an AttributeError, which would be retried for ever."""
+    withdraw = getattr(sink, "withdraw", None)
+    if not callable(withdraw):
+        raise DeliveryError(f"sink {sink.name} cannot withdraw a study (it has no withdraw())", retryable=False)
+    delivery: Delivery = withdraw(study_uid)
+    return delivery
+
+
+EMPTY = (0, 0.0)  # the index state of a study without stored instances (what a withdrawal "delivers")
+
 # Keys of the "publication" record that a sink's own fields may not overwrite.
-_EVENT_KEYS = frozenset({"study_uid", "sink", "result", "series", "instances", "version", "latency", "detail"})
+_EVENT_KEYS = frozenset({"study_uid", "sink", "result", "series", "instances", "version", "latency", "detail",
+                         "action"})
+_TO = {"publication": "to", "withdrawal": "from"}

@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 from scp.fhir_version import FhirVersion
 from scp.mapping.imaging_study import MappingOptions, build_imaging_study
 from scp.records import InstanceHeader
-from scp.sinks.fhir_bundle import token, transaction_bundle
+from scp.sinks.fhir_bundle import imaging_study_url, token, transaction_bundle
 from scp.validation import imaging_study_problems
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -93,3 +93,11 @@ def test_a_free_text_issuer_system_is_valid_in_every_release() -> None:
         resource = build_imaging_study(headers, MappingOptions(version=version)).resource
         assert imaging_study_problems(resource, version) == []
         assert resource["subject"]["identifier"]["system"].startswith("urn:imagingstudy-scp:issuer-of-patient-id:")
+
+
+def test_a_withdrawal_addresses_the_resource_the_bundle_updates() -> None:
+    """The conditional delete that withdraws a study must match exactly what the conditional update wrote."""
+    study = bundle_of([header(STUDY + ".1.1")]).bundle["entry"][-1]
+    assert study["request"] == {"method": "PUT", "url": imaging_study_url(STUDY)}
+    kind, query = imaging_study_url(STUDY).split("?")
+    assert kind == "ImagingStudy" and parse_qsl(query) == [("identifier", f"urn:dicom:uid|urn:oid:{STUDY}")]

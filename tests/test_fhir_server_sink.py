@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from conftest import RunningSCP, storescu, wait_for
-from dicom_factory import make_study
+from dicom_factory import make_instance, make_study
 from fhir_server import FhirServer
 from scp.fhir_version import FhirVersion
 from scp.index import Index
@@ -364,3 +364,44 @@ def test_a_fhir_server_added_later_receives_the_studies_stored_before(
     server.start()  # delivered once: a later start does not send it again
     time.sleep(1.5)
     assert studies_with_uid(fhir, study.study_uid)[0]["meta"]["versionId"] == "1"
+
+
+# -- an instance moved to another study (store review, bug 6) -------------------------------------
+
+def test_a_study_whose_last_instance_moved_is_withdrawn_everywhere(  # type: ignore[no-untyped-def]
+        scp_factory, fhir_factory, tmp_path: Path) -> None:
+    """X is sent in study A, then again (same SOP Instance UID) in study B: A's ImagingStudy goes, from the
+    directory and from the FHIR server, and B's lists X; a restart withdraws nothing again."""
+    fhir = fhir_factory()
+    sink = f"fhir:{fhir.base_url}"
+    server = scp_factory("--fhir-url", fhir.base_url, "--log-format", "json")
+    old, new, sop = "1.2.3.300", "1.2.3.301", "1.2.3.300.1.1"
+    first = make_instance(tmp_path / "a.dcm", study_uid=old, series_uid=f"{old}.1", sop_uid=sop)
+    moved = make_instance(tmp_path / "b.dcm", study_uid=new, series_uid=f"{new}.1", sop_uid=sop)
+
+    storescu(server.port, [first])
+    wait_for_imaging_study(fhir, old, instances=1)
+    server.wait_for_study(old, instances=1)
+    storescu(server.port, [moved])
+    on_server = wait_for_imaging_study(fhir, new, instances=1)
+    assert on_server["series"][0]["instance"][0]["uid"] == sop
+    assert server.wait_for_study(new, instances=1)["series"][0]["instance"][0]["uid"] == sop
+    wait_for(lambda: studies_with_uid(fhir, old) == [], what="study A gone from the FHIR server")
+    wait_for(lambda: not server.study_path(old).exists(), what="study A's file gone from the directory")
+
+    withdrawn = wait_for(lambda: len(found := records(server, event="publication", result="withdrawn")) == 2
+                         and found, what="two withdrawal records")
+    assert sorted(r["sink"] for r in withdrawn) == ["directory", sink]
+    assert all(r["study_uid"] == old for r in withdrawn)
+    by_sink = {r["sink"]: r for r in withdrawn}
+    assert by_sink[sink]["status"] in (200, 204)
+    assert by_sink[sink]["sent"] == [f"DELETE ImagingStudy?identifier={DICOM_UID}|urn:oid:{old}"]
+    assert len(fhir.all("Patient")) == 1  # the Patient stays (B's subject)
+    wait_for(lambda: outbox_rows(server.data_dir) == [], what="an empty outbox")
+
+    server.stop()
+    server.start()
+    time.sleep(1.5)  # a worker poll
+    assert len(records(server, event="publication", result="withdrawn")) == 2  # not withdrawn again
+    assert len(studies_with_uid(fhir, new)) == 1 and studies_with_uid(fhir, old) == []
+    assert server.read_study(new) is not None and not server.study_path(old).exists()

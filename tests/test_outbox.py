@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import wait_for
-from dicom_factory import make_study
+from dicom_factory import make_instance, make_study
 from scp.fhir_version import FhirVersion
 from scp.header import read_header
 from scp.index import Index
@@ -34,6 +35,7 @@ class FakeSink:
         self.name = name
         self.errors = list(errors or [])
         self.published: list[Publication] = []
+        self.withdrawn: list[str] = []  # study UIDs, one per successful withdrawal
         self.calls: list[float] = []  # time.monotonic() of every attempt, failed ones too
         self.gate = gate
         self.entered = threading.Event()
@@ -50,6 +52,13 @@ class FakeSink:
         self.published.append(publication)
         return Delivery(self.name, "ok", {"status": 200})
 
+    def withdraw(self, study_uid: str) -> Delivery:
+        self.calls.append(time.monotonic())
+        if self.errors:
+            raise self.errors.pop(0)
+        self.withdrawn.append(study_uid)
+        return Delivery(self.name, "withdrawn", {"status": 204})
+
 
 @pytest.fixture
 def index(tmp_path: Path) -> Iterator[Index]:
@@ -65,6 +74,14 @@ def store(index: Index, folder: Path, seed: str, count: int = 2) -> str:
         index.put(StoredInstance(read_header(path), f"studies/{path.name}", path.stat().st_size,
                                  Provenance("SCU", "IMAGINGSTUDY", "127.0.0.1", "a1", time.time())))
     return study.study_uid
+
+
+def put_instance(index: Index, folder: Path, study_uid: str, sop_uid: str = "1.2.3.9.1") -> None:
+    """Index instance ``sop_uid`` in ``study_uid`` (received now): a move when it was in another study."""
+    path = make_instance(folder / f"{study_uid}-{sop_uid}.dcm", study_uid=study_uid, series_uid=f"{study_uid}.1",
+                         sop_uid=sop_uid)
+    index.put(StoredInstance(read_header(path), f"studies/{study_uid}/{path.name}", path.stat().st_size,
+                             Provenance("SCU", "IMAGINGSTUDY", "127.0.0.1", "a1", time.time())))
 
 
 def publisher(index: Index, tmp_path: Path, sinks: list[Any], metrics: Metrics | None = None) -> Publisher:
@@ -323,3 +340,189 @@ def test_a_direct_delivery_never_overwrites_a_newer_recorded_one(tmp_path: Path)
     assert not outbox.record_direct("fhir:x", "1.2.3", 4, 40.0)  # pending: a worker may be sending older content
     assert outbox.get("fhir:x", "1.2.3").revision == 3  # type: ignore[union-attr]
     outbox.close()
+
+
+# -- withdrawals: a study left without stored instances ----------------------------------------
+
+OLD, NEW = "1.2.3.200", "1.2.3.201"
+
+
+def instance_uids(publication: Publication) -> list[str]:
+    return [i["uid"] for series in publication.resource["series"] for i in series["instance"]]
+
+
+def test_a_study_whose_last_instance_moved_is_withdrawn_from_every_sink_once(index: Index, tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Report bug (store) 6: the old study was dropped from the outbox, and every sink kept listing the instance."""
+    caplog.set_level(logging.INFO, logger="scp.publish")
+    metrics = Metrics()
+    sinks = [FakeSink("directory"), FakeSink("fhir:x", FhirVersion.R4)]
+    pub = publisher(index, tmp_path, sinks, metrics)
+    pub.start()
+    put_instance(index, tmp_path / "a", OLD)
+    pub.submit([OLD], ended_at=time.monotonic())
+    assert pub.wait_idle(20)
+    put_instance(index, tmp_path / "b", NEW)  # the same SOP Instance UID, re-sent in another study
+    pub.submit([OLD, NEW], ended_at=time.monotonic())  # the association touched both
+    assert pub.wait_idle(20)
+    for sink in sinks:
+        assert sink.withdrawn == [OLD]
+        assert [p.study_uid for p in sink.published] == [OLD, NEW]
+        assert instance_uids(sink.published[-1]) == ["1.2.3.9.1"]
+        row = pub.outbox.get(sink.name, OLD)
+        assert row is not None and (row.state, row.delivered_count) == (DELIVERED, 0)
+        assert metrics.publications.labels(sink=sink.name, result="withdrawn")._value.get() == 1
+    assert index.unpublished_studies() == []
+    withdrawn = [r for r in caplog.records if getattr(r, "fields", {}).get("result") == "withdrawn"]
+    assert sorted(r.fields["sink"] for r in withdrawn) == ["directory", "fhir:x"]  # type: ignore[attr-defined]
+    assert all(r.fields["study_uid"] == OLD and r.fields["latency"] is not None  # type: ignore[attr-defined]
+               for r in withdrawn)
+    pub.stop()
+
+    # A restart, even one told the study changed (its files vanished), does not withdraw it again.
+    again = [FakeSink("directory"), FakeSink("fhir:x", FhirVersion.R4)]
+    second = publisher(index, tmp_path, again)
+    second.start()
+    second.resume(sorted({OLD, *index.unpublished_studies()}), changed=[OLD])
+    assert second.wait_idle(20)
+    time.sleep(0.3)
+    assert [(s.withdrawn, s.published) for s in again] == [([], []), ([], [])]
+
+    # New instances of the withdrawn study publish it afresh (here: the instance moves back).
+    put_instance(index, tmp_path / "a2", OLD)
+    second.submit([OLD, NEW])
+    assert second.wait_idle(20)
+    for sink in again:
+        assert [p.study_uid for p in sink.published] == [OLD] and sink.withdrawn == [NEW]
+    assert index.unpublished_studies() == []
+    second.stop()
+
+
+def test_a_withdrawal_is_retried_while_the_sink_is_down(index: Index, tmp_path: Path) -> None:
+    metrics = Metrics()
+    flaky = FakeSink("fhir:flaky", FhirVersion.R4)
+    pub = publisher(index, tmp_path, [flaky], metrics)
+    pub.start()
+    put_instance(index, tmp_path / "a", OLD)
+    pub.submit([OLD])
+    assert pub.wait_idle(20)
+    flaky.errors = [DeliveryError("down", retryable=True), ConnectionError("reset"),
+                    DeliveryError("busy", retryable=True, status=503)]
+    put_instance(index, tmp_path / "b", NEW)
+    pub.submit([OLD])
+    assert pub.wait_idle(20)
+    assert flaky.withdrawn == [OLD] and flaky.errors == []
+    assert metrics.publications.labels(sink="fhir:flaky", result="failed")._value.get() == 3
+    row = pub.outbox.get("fhir:flaky", OLD)
+    assert row is not None and (row.state, row.delivered_count, row.attempts) == (DELIVERED, 0, 0)
+    pub.stop()
+
+
+def test_a_refused_withdrawal_is_dead_lettered_and_stays_dead_until_retry(index: Index, tmp_path: Path) -> None:
+    picky = FakeSink("fhir:picky", FhirVersion.R4)
+    pub = publisher(index, tmp_path, [FakeSink("directory"), picky])
+    pub.start()
+    put_instance(index, tmp_path / "a", OLD)
+    pub.submit([OLD])
+    assert pub.wait_idle(20)
+    picky.errors = [DeliveryError("forbidden", retryable=False, status=403)]
+    put_instance(index, tmp_path / "b", NEW)
+    pub.submit([OLD])
+    item = wait_for(lambda: (i := pub.outbox.get("fhir:picky", OLD)) and i.state == DEAD and i, what="dead")
+    assert (item.last_status, item.tried_count) == (403, 0)  # a refused withdrawal, not a refused publication
+    assert pub.depth() == 0 and picky.withdrawn == []
+    assert pub.withdraw_emptied() == 0  # a start-up does not revive it...
+    pub.resume([OLD])
+    assert pub.outbox.get("fhir:picky", OLD).state == DEAD  # type: ignore[union-attr]
+    assert pub.outbox.retry(OLD) == 1  # ...`outbox retry` does
+    assert pub.wait_idle(20)
+    assert picky.withdrawn == [OLD]
+    assert index.unpublished_studies() == [NEW]  # never submitted here; OLD has nothing left to publish
+    pub.stop()
+
+
+def test_start_up_withdraws_a_study_emptied_before_its_association_ended(index: Index, tmp_path: Path) -> None:
+    """The server died after the move was indexed but before the association's end queued the old study."""
+    first = publisher(index, tmp_path, [FakeSink("directory")])
+    first.start()
+    put_instance(index, tmp_path / "a", OLD)
+    first.submit([OLD])
+    assert first.wait_idle(20)
+    first.stop()
+    put_instance(index, tmp_path / "b", NEW)  # no submit: the association never ended
+
+    directory = FakeSink("directory")
+    second = publisher(index, tmp_path, [directory])
+    second.start()
+    second.resume(index.unpublished_studies())  # what Server.start does: NEW only (OLD has no rows left)
+    assert second.wait_idle(20)
+    assert directory.withdrawn == [OLD] and [p.study_uid for p in directory.published] == [NEW]
+    second.stop()
+
+    third_sink = FakeSink("directory")
+    third = publisher(index, tmp_path, [third_sink])
+    third.start()
+    assert third.withdraw_emptied() == 0
+    assert third.wait_idle(20) and third_sink.withdrawn == [] and third_sink.published == []
+    third.stop()
+
+
+def test_publish_now_withdraws_a_study_without_instances(index: Index, tmp_path: Path) -> None:
+    directory, down = FakeSink("directory"), FakeSink("fhir:x", FhirVersion.R4)
+    pub = publisher(index, tmp_path, [directory, down])
+    put_instance(index, tmp_path / "a", OLD)
+    assert pub.publish_now(OLD).published
+    put_instance(index, tmp_path / "b", NEW)
+    down.errors = [DeliveryError("down", retryable=True)]
+    outcome = pub.publish_now(OLD)
+    assert outcome.withdrawn and not outcome.published and outcome.sinks == ("directory",)
+    assert directory.withdrawn == [OLD]
+    assert pub.outbox.get("fhir:x", OLD).state == PENDING  # type: ignore[union-attr]
+    pub.start()  # the workers take it from there
+    assert pub.wait_idle(20)
+    assert down.withdrawn == [OLD]
+    assert pub.outbox.get("directory", OLD).delivered_count == 0  # type: ignore[union-attr]
+
+    unknown = pub.publish_now("1.2.3.999")  # never stored, never published (a mistyped UID): left alone
+    assert not unknown.published and not unknown.withdrawn and unknown.sinks == ()
+    assert pub.outbox.get("directory", "1.2.3.999") is None and directory.withdrawn == [OLD]
+    pub.stop()
+
+
+def test_a_sink_that_cannot_withdraw_dead_letters_instead_of_retrying_for_ever(index: Index,
+                                                                              tmp_path: Path) -> None:
+    class PublishOnly:
+        name = "legacy"
+
+        def publish(self, publication: Publication) -> Delivery:
+            return Delivery(self.name, "ok")
+
+    pub = publisher(index, tmp_path, [PublishOnly()])
+    pub.start()
+    put_instance(index, tmp_path / "a", OLD)
+    pub.submit([OLD])
+    assert pub.wait_idle(20)
+    put_instance(index, tmp_path / "b", NEW)
+    pub.submit([OLD])
+    item = wait_for(lambda: (i := pub.outbox.get("legacy", OLD)) and i.state == DEAD and i, what="dead")
+    assert "cannot withdraw" in (item.last_error or "")
+    pub.stop()
+
+
+def test_a_study_whose_files_were_removed_is_withdrawn_at_start(index: Index, tmp_path: Path) -> None:
+    """Start-up reconciliation drops the rows of files that are gone and reports their studies as changed."""
+    uid = store(index, tmp_path / "s", "removed", count=2)
+    first = publisher(index, tmp_path, [FakeSink("directory")])
+    first.start()
+    first.submit([uid])
+    assert first.wait_idle(20)
+    first.stop()
+    assert index.remove_paths([i.path for i in index.study_instances(uid)]) == [uid]  # what reconcile does
+
+    directory = FakeSink("directory")
+    second = publisher(index, tmp_path, [directory])
+    second.start()
+    second.resume([uid], changed=[uid])  # what Server.start does with reconcile's answer
+    assert second.wait_idle(20)
+    assert directory.withdrawn == [uid] and directory.published == []
+    second.stop()

@@ -1,4 +1,10 @@
-"""What every sink receives and answers: one interface, many transports."""
+"""What every sink receives and answers: one interface, many transports.
+
+A sink is told two things about a study: here is its ImagingStudy (:meth:`Sink.publish`), or the
+study has no stored instances any more, so whatever the sink holds for it must go
+(:meth:`Sink.withdraw`). Without the second, an instance moved to another study (re-sent with
+the same SOP Instance UID) stayed listed in the old study's resource: one instance in two studies.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ class Publication:
 
 @dataclass(frozen=True)
 class Delivery:
-    """What a sink did with a publication, for the log line."""
+    """What a sink did with a publication or a withdrawal, for the log line."""
 
     sink: str
     detail: str
@@ -54,5 +60,15 @@ class Sink(Protocol):
         Raise :class:`DeliveryError` to say whether trying again can help; any other exception
         counts as retryable. A sink that writes a FHIR release of its own choosing (a FHIR server's)
         also has ``fhir_version() -> FhirVersion``; the others get the configured release.
+        """
+        ...
+
+    def withdraw(self, study_uid: str) -> Delivery:
+        """Remove durably whatever the sink holds for the study, which has no stored instances any more.
+
+        Called when a study's last instance moved to another study or its files were removed:
+        leaving its resource would publish those instances twice, or ones that no longer exist.
+        Holding nothing for the study already counts as success (a withdrawal may be repeated,
+        e.g. after a crash before it was recorded). Failures are reported like :meth:`publish`'s.
         """
         ...

@@ -1,4 +1,8 @@
-"""The default sink: ``<data-dir>/fhir/ImagingStudy/<StudyInstanceUID>.json``, written atomically."""
+"""The default sink: ``<data-dir>/fhir/ImagingStudy/<StudyInstanceUID>.json``, written atomically.
+
+A study without stored instances is withdrawn by removing its file (the directory entry fsync'ed,
+so a power cut does not bring it back).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from scp.sinks.base import Delivery, Publication
+from scp.sinks.base import Delivery, DeliveryError, Publication
 
 
 class DirectorySink:
@@ -31,6 +35,21 @@ class DirectorySink:
         write_json_atomically(path, publication.resource, fsync=self._fsync)
         return Delivery(self.name, str(path))
 
+    def withdraw(self, study_uid: str) -> Delivery:
+        """Remove the study's file; one already gone is success (the sink holds nothing for the study)."""
+        path = self.path_for(study_uid)
+        try:
+            path.unlink()
+            removed = True
+        except FileNotFoundError:
+            removed = False
+        except IsADirectoryError as exc:  # not ours to remove: trying again will not help
+            raise DeliveryError(f"cannot remove {path}: {exc}", retryable=False) from None
+        if self._fsync:  # also when gone: an earlier attempt may have removed it and died before the fsync
+            fsync_directory(path.parent)
+        return Delivery(self.name, f"removed {path}" if removed else f"{path} was not there",
+                        fields={"removed": removed})
+
 
 def write_json_atomically(path: Path, document: Any, *, fsync: bool = True) -> None:
     """Write ``document`` to ``path`` so that readers see the old file or the new one, never a part."""
@@ -44,8 +63,13 @@ def write_json_atomically(path: Path, document: Any, *, fsync: bool = True) -> N
             os.fsync(handle.fileno())
     os.replace(temp, path)
     if fsync:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(path.parent)
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a rename or removal in ``folder`` durable (its entry survives, or stays gone after, a power cut)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

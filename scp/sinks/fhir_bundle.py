@@ -17,6 +17,9 @@
   new resource). Sending our id instead would fail on servers that refuse update-as-create or
   that hold the study under an id they assigned.
 
+A study that no longer has stored instances is withdrawn with a conditional delete of that same URL
+(``DELETE ImagingStudy?identifier=…``, see :func:`imaging_study_url`); its Patient and Endpoint stay.
+
 References between the entries use ``urn:uuid:`` fullUrls derived from the Study Instance UID
 (uuid5), so the same study always yields the same bundle.
 """
@@ -89,12 +92,20 @@ def transaction_bundle(study_uid: str, imaging_study: dict[str, Any], headers: S
         requests.append(f"POST Endpoint (if none exist: {query})")
         study["endpoint"] = [{"reference": endpoint_url, "type": "Endpoint"}]
 
-    study_query = f"identifier={token(DICOM_UID_SYSTEM, f'urn:oid:{study_uid}')}"
+    study_url = imaging_study_url(study_uid)
     entries.append({"fullUrl": _urn(study_uid, "ImagingStudy"), "resource": study,
-                    "request": {"method": "PUT", "url": f"ImagingStudy?{study_query}"}})
-    requests.append(f"PUT ImagingStudy?{study_query}")
+                    "request": {"method": "PUT", "url": study_url}})
+    requests.append(f"PUT {study_url}")
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     return BuiltBundle(bundle, requests, warnings)
+
+
+def imaging_study_url(study_uid: str) -> str:
+    """``ImagingStudy?identifier=urn:dicom:uid|urn:oid:<uid>``: how the server's resource for the study is
+    addressed, by its Study Instance UID identifier (the server chose its id). The conditional update of
+    :func:`transaction_bundle` and the conditional delete that withdraws the study use this same URL, so a
+    withdrawal removes exactly the resource that deliveries wrote."""
+    return f"ImagingStudy?identifier={token(DICOM_UID_SYSTEM, f'urn:oid:{study_uid}')}"
 
 
 def patient_resource(identifier: dict[str, Any], headers: Sequence[InstanceHeader], study_uid: str,

@@ -8,6 +8,13 @@ The FHIR release of the payload is ``fhir_version`` when configured, else the se
 read once from its CapabilityStatement (``GET [base]/metadata``: ``fhirVersion`` 4.x → R4,
 5.x → R5, 6.x → R6).
 
+A study left without stored instances is withdrawn with a conditional delete of the resource the
+bundle updates (``DELETE [base]/ImagingStudy?identifier=urn:dicom:uid|urn:oid:<uid>``): 200, 202 and
+204, and 404/410 (nothing there any more), count as withdrawn; other answers are classified as for
+the transaction, except 501 (the server does not implement the delete), which dead-letters. The
+Patient and the Endpoint stay: other studies may point at them, and they carry nothing of the
+withdrawn study's instances.
+
 Failures are classified for the outbox: no answer (connection refused, timeout, TLS failure) and
 any status but 2xx are retryable, except 4xx other than 408, 409, 412 and 429, which mean the
 server will refuse this payload again: those dead-letter the publication, with the server's
@@ -31,13 +38,15 @@ import orjson
 
 from scp.fhir_version import FhirVersion
 from scp.sinks.base import Delivery, DeliveryError, Publication
-from scp.sinks.fhir_bundle import BuiltBundle, transaction_bundle
+from scp.sinks.fhir_bundle import BuiltBundle, imaging_study_url, transaction_bundle
 
 log = logging.getLogger("scp.sinks.fhir_server")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request: our "publication" record says more
 
 FHIR_JSON = "application/fhir+json"
 RETRYABLE_4XX = frozenset({408, 409, 412, 429})
+DELETED = frozenset({200, 202, 204})  # a conditional delete that removed the match (or found none: 204)
+ALREADY_GONE = frozenset({404, 410})  # nothing to delete: the server holds nothing for the study
 _LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/([^/?#]+))?/?(?:[?#].*)?$")
 
 
@@ -136,6 +145,32 @@ class FhirServerSink:
         return Delivery(self.name, f"{self.shown_url} {answer.status_code} in {seconds:.3f}s: {shown}",
                         fields={"url": self.shown_url, "status": answer.status_code, "sent": built.requests,
                                 "entries": entries, "request_seconds": round(seconds, 6)})
+
+    # -- withdrawing ------------------------------------------------------------------------
+
+    def withdraw(self, study_uid: str) -> Delivery:
+        """Delete the study's ImagingStudy by conditional delete on its identifier (the server chose its id).
+
+        Same auth, TLS, timeout and failure classification as :meth:`publish` (but 501, no delete on
+        this server, dead-letters); a server that holds nothing for the study (404, 410, or a 204
+        without a match) has what we want. A conditional delete rather than a search, then a delete
+        by id: one request, with no window between finding the resource and deleting it.
+        """
+        url = imaging_study_url(study_uid)
+        sent = [f"DELETE {url}"]
+        started = time.monotonic()
+        answer = self._request("DELETE", f"{self.base_url}/{url}", sent=sent)
+        seconds = time.monotonic() - started
+        status = answer.status_code
+        if status not in DELETED and status not in ALREADY_GONE:
+            refusal = self._refusal(answer, "conditional delete", sent=sent)
+            if status == 501:  # no (conditional) delete on this server, ever: a dead letter, not an outage
+                refusal.retryable = False
+            raise refusal
+        said = {200: "deleted", 202: "deletion accepted", 204: "deleted, or none there"}.get(status, "already gone")
+        return Delivery(self.name, f"{self.shown_url} {status} in {seconds:.3f}s: {sent[0]} ({said})",
+                        fields={"url": self.shown_url, "status": status, "sent": sent,
+                                "request_seconds": round(seconds, 6)})
 
     # -- HTTP --------------------------------------------------------------------------------
 
