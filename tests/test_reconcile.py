@@ -143,3 +143,19 @@ def test_a_data_dir_is_held_by_one_process_at_a_time(store: Store) -> None:
     first.release()
     second.acquire()  # free again once released (or once its process died: the kernel drops a flock)
     second.release()
+
+
+def test_the_study_cache_holds_no_more_instances_than_its_budget(store: Store, tmp_path: Path) -> None:
+    index = Index(store.data_dir / "budget.sqlite3", cache_instances=3)
+    try:
+        for study in ("1.2.3.600", "1.2.3.601"):
+            for number in (1, 2):
+                path = make_instance(tmp_path / f"{study}.{number}.dcm", study_uid=study, series_uid=f"{study}.1",
+                                     sop_uid=f"{study}.1.{number}")
+                index.put(StoredInstance(read_header(path), f"studies/{path.name}", path.stat().st_size,
+                                         Provenance("MOD", "SCP", "127.0.0.1", "a", 1.0)))
+        for study in ("1.2.3.600", "1.2.3.601", "1.2.3.600"):
+            assert [i.header.sop_uid for i in index.study_instances(study)] == [f"{study}.1.1", f"{study}.1.2"]
+            assert sum(len(instances) for _, instances in index._cache.values()) <= 3  # ~3 KB each
+    finally:
+        index.close()
