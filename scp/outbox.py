@@ -257,14 +257,18 @@ class Outbox:
     def failed(self, item: OutboxItem, *, delay: float, error: str, status: int | None = None,
                outcome: str | None = None, count: int | None = None, up_to: float | None = None,
                now: float | None = None) -> int:
-        """A retryable failure: try again in ``delay`` seconds. Returns the attempts made so far."""
+        """A retryable failure: try again in ``delay`` seconds, or now when a newer revision arrived meanwhile
+        (new content, ``outbox retry``: it gets its own attempt, as with :meth:`delivered` and :meth:`dead`).
+        Returns the attempts made so far."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?, last_status = ?, "
+                "UPDATE outbox SET attempts = attempts + 1, "
+                "next_attempt_at = CASE WHEN revision = ? THEN ? ELSE ? END, last_error = ?, last_status = ?, "
                 "outcome = ?, tried_count = coalesce(?, tried_count), tried_up_to = coalesce(?, tried_up_to), "
                 "updated_at = ? WHERE sink = ? AND study_uid = ? AND state = 'pending' RETURNING attempts",
-                (now + delay, error, status, outcome, count, up_to, now, item.sink, item.study_uid)).fetchall()
+                (item.revision, now + delay, now, error, status, outcome, count, up_to, now, item.sink,
+                 item.study_uid)).fetchall()
             if not rows:  # no longer pending (e.g. delivered meanwhile by `publish`): report as it stands
                 rows = self._db.execute("SELECT attempts FROM outbox WHERE sink = ? AND study_uid = ?",
                                        (item.sink, item.study_uid)).fetchall()

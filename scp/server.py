@@ -66,7 +66,8 @@ class Server:
             raise
 
     def _start(self) -> None:
-        removed = self.store.clean_tmp()
+        removed = self.store.clean_tmp() + sum(sink.clean_leftovers() for sink in self.publisher.sinks
+                                                if isinstance(sink, DirectorySink))
         if removed:
             log.info("removed %d temp files left by an earlier stop", removed)
         changed = reconcile(self.store, self.index)

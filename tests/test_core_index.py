@@ -70,12 +70,15 @@ def test_start_up_indexes_files_the_index_lost_and_publishes_them(scp_factory, t
         (server.data_dir / name).unlink(missing_ok=True)
     published = server.study_path(study.study_uid)
     published.unlink()
+    interrupted = published.with_name(f".{published.name}.4242.139.tmp")  # a write a crash cut short
+    interrupted.write_bytes(b'{"resourceType": "Imag')
 
     server.start()
     resource = server.wait_for_study(study.study_uid, instances=6)
     assert_valid(resource)
     assert len(snapshot(server.data_dir)) == 6
     assert "not published before the last stop" in server.log()
+    assert not interrupted.exists()
 
 
 def test_one_data_dir_is_served_by_one_process(scp_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

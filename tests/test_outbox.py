@@ -99,6 +99,22 @@ def test_pending_revisions_collapse_into_one_item(tmp_path: Path) -> None:
     outbox.close()
 
 
+def test_a_failed_attempt_does_not_delay_content_that_arrived_during_it(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / OUTBOX_FILE, fsync=False)
+    outbox.submit(["fhir:x"], ["1.2.3"], now=100.0)
+    tried, _ = outbox.next_due("fhir:x", now=100.0)
+    assert tried is not None
+    outbox.failed(tried, delay=300, error="conflict", status=409, now=101.0)
+    assert outbox.get("fhir:x", "1.2.3").next_attempt_at == 401.0  # type: ignore[union-attr]
+
+    again, _ = outbox.next_due("fhir:x", now=401.0)
+    assert again is not None
+    outbox.submit(["fhir:x"], ["1.2.3"], now=402.0)  # new instances while that attempt is on the wire
+    outbox.failed(again, delay=300, error="conflict", status=409, now=403.0)
+    assert outbox.get("fhir:x", "1.2.3").next_attempt_at == 403.0  # type: ignore[union-attr]  # tried now
+    outbox.close()
+
+
 def test_backoff_is_exponential_capped_and_jittered() -> None:
     backoff = Backoff(initial=1, cap=8)
     for attempt, ceiling in ((1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (50, 8)):

@@ -27,6 +27,15 @@ class DirectorySink:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
 
+    def clean_leftovers(self) -> int:
+        """Remove the temp files of writes a crash interrupted (only the server calls this, at start, holding the
+        data dir: another process's write may be in flight otherwise). How many were removed."""
+        removed = 0
+        for temp in self.folder.glob(".*.json.*.tmp"):
+            temp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def path_for(self, study_uid: str) -> Path:
         return self.folder / f"{study_uid}.json"
 
