@@ -500,16 +500,22 @@ class Publisher:
         self._failing[sink.name] = 0
         self._paused_until.pop(sink.name, None)
 
-    def _delivered_event(self, sink: Sink, publication: Publication, delivery: Delivery, ended_at: float | None,
-                         now: float | None = None) -> None:
+    def _counted(self, sink: Sink, result: str, delivery: Delivery, ended_at: float | None,
+                 now: float | None) -> tuple[float | None, str, dict[str, Any]]:
+        """Count a delivery the sink carried out; its latency from the association's end (None when not known),
+        that latency as shown in the message, and the sink's own fields for the "publication" record."""
         now = time.time() if now is None else now
         latency = max(0.0, now - ended_at) if ended_at is not None else None
-        self._metrics.publications.labels(sink=sink.name, result="delivered").inc()
+        self._metrics.publications.labels(sink=sink.name, result=result).inc()
         if latency is not None:
             self._metrics.publication_latency.labels(sink=sink.name).observe(latency)
-        resource = publication.resource
         shown = f" latency={latency:.3f}s" if latency is not None else ""
-        extra = {k: v for k, v in delivery.fields.items() if k not in _EVENT_KEYS}
+        return latency, shown, {k: v for k, v in delivery.fields.items() if k not in _EVENT_KEYS}
+
+    def _delivered_event(self, sink: Sink, publication: Publication, delivery: Delivery, ended_at: float | None,
+                         now: float | None = None) -> None:
+        latency, shown, extra = self._counted(sink, "delivered", delivery, ended_at, now)
+        resource = publication.resource
         logs.event(log, logging.INFO, "publication",
                    f"published study={publication.study_uid} sink={sink.name} series={resource['numberOfSeries']} "
                    f"instances={resource['numberOfInstances']} version={publication.version}{shown} -> "
@@ -521,13 +527,7 @@ class Publisher:
     def _withdrawn_event(self, sink: Sink, study_uid: str, delivery: Delivery, ended_at: float | None,
                          now: float | None = None) -> None:
         """The "publication" record (result ``withdrawn``) and metrics of a withdrawal the sink carried out."""
-        now = time.time() if now is None else now
-        latency = max(0.0, now - ended_at) if ended_at is not None else None
-        self._metrics.publications.labels(sink=sink.name, result="withdrawn").inc()
-        if latency is not None:
-            self._metrics.publication_latency.labels(sink=sink.name).observe(latency)
-        shown = f" latency={latency:.3f}s" if latency is not None else ""
-        extra = {k: v for k, v in delivery.fields.items() if k not in _EVENT_KEYS}
+        latency, shown, extra = self._counted(sink, "withdrawn", delivery, ended_at, now)
         logs.event(log, logging.INFO, "publication",
                    f"withdrew study={study_uid} sink={sink.name}: it has no stored instances any more{shown} -> "
                    f"{delivery.detail}",
