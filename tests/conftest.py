@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from scp.fhir_version import FhirVersion  # noqa: E402
 from scp.header import read_header  # noqa: E402
+from scp.index import Index  # noqa: E402
+from scp.store import Store  # noqa: E402
 from scp.validation import imaging_study_problems  # noqa: E402
 
 AET = "IMAGINGSTUDY"
@@ -139,6 +141,20 @@ def scp_factory(tmp_path: Path) -> Iterator[Callable[..., RunningSCP]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """A file store in a fresh data dir, without fsync (for tests of the store and index in-process)."""
+    return Store(tmp_path / "data", fsync=False)
+
+
+@pytest.fixture
+def index(store: Store) -> Iterator[Index]:
+    """The index of :func:`store`'s data dir."""
+    idx = Index(store.data_dir / "index.sqlite3")
+    yield idx
+    idx.close()
 
 
 @pytest.fixture

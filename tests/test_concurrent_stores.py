@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,6 @@ SOP = "1.2.3.9.3"
 STUDY_1, SERIES_1 = "1.2.3.400", "1.2.3.400.1"
 STUDY_2, SERIES_2 = "1.2.3.401", "1.2.3.401.1"
 PAUSE = 1.0  # how long the first store waits for the second inside its critical steps
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "data", fsync=False)
-
-
-@pytest.fixture
-def index(store: Store) -> Iterator[Index]:
-    idx = Index(store.data_dir / "index.sqlite3")
-    yield idx
-    idx.close()
 
 
 def received(store: Store, source: Path) -> Path:

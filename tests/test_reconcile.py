@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,6 @@ from scp.store import DataDirInUse, DataDirLock, Store
 SOP = "1.2.3.9.7"
 STUDY_1, SERIES_1 = "1.2.3.500", "1.2.3.500.1"
 STUDY_2, SERIES_2 = "1.2.3.501", "1.2.3.501.1"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "data", fsync=False)
-
-
-@pytest.fixture
-def index(store: Store) -> Iterator[Index]:
-    idx = Index(store.data_dir / "index.sqlite3")
-    yield idx
-    idx.close()
 
 
 def receive(ingest: Ingest, source: Path, at: float) -> StoredInstance:
