@@ -83,13 +83,13 @@ def test_start_up_indexes_files_the_index_lost_and_publishes_them(scp_factory, t
 
 def test_one_data_dir_is_served_by_one_process(scp_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server: RunningSCP = scp_factory()
-    spare = sorted(p.name for p in (server.data_dir / "tmp").iterdir())
+    spare = [p.name for p in (server.data_dir / "tmp").iterdir()]
     assert spare  # the running server's temp files, which a second server's start-up would clean away
     for command in (["reindex"], ["serve", "--host", "127.0.0.1", "--port", "0"]):
         result = subprocess.run([sys.executable, "-m", "scp", *command, "--data-dir", str(server.data_dir)],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 1, result.stderr
         assert f"is in use by process {server.process.pid}" in result.stderr
-    assert sorted(p.name for p in (server.data_dir / "tmp").iterdir()) == spare
+    assert set(spare) <= {p.name for p in (server.data_dir / "tmp").iterdir()}  # none cleaned (the pool may grow)
     server.stop()
     reindex(server.data_dir)  # free once the server has stopped
