@@ -62,8 +62,18 @@ class Server:
         try:
             self._start()
         except BaseException:
-            self._data_dir_lock.release()
+            self._abandon_start()
             raise
+
+    def _abandon_start(self) -> None:
+        """A start that failed half-way (a port in use, say): stop what it started, and only then let the data
+        dir go, so that no worker of this server still delivers its outbox beside the next one."""
+        for step in (self.listener.stop, self.publisher.stop, self.index.close):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - the start's own error is what the caller must see
+                log.exception("while abandoning a failed start")
+        self._data_dir_lock.release()
 
     def _start(self) -> None:
         removed = self.store.clean_tmp() + sum(sink.clean_leftovers() for sink in self.publisher.sinks

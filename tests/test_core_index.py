@@ -93,3 +93,26 @@ def test_one_data_dir_is_served_by_one_process(scp_factory, tmp_path: Path) -> N
     assert set(spare) <= {p.name for p in (server.data_dir / "tmp").iterdir()}  # none cleaned (the pool may grow)
     server.stop()
     reindex(server.data_dir)  # free once the server has stopped
+
+
+def test_a_start_that_fails_stops_what_it_started_before_letting_the_data_dir_go(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from scp import StorageSCP
+
+    before = set(threading.enumerate())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        failing = StorageSCP(tmp_path / "data", port=busy.getsockname()[1])
+        try:
+            failing.start()
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the start should fail: the port is taken")
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not [name for name in left if name.startswith(("publisher", "spare files"))], left
+    with StorageSCP(tmp_path / "data") as second:  # the data dir is free again
+        assert second.port
