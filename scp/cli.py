@@ -133,6 +133,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(settings: Settings) -> int:
+    from scp.reconcile import StoreLooksEmpty
     from scp.server import Server
     from scp.store import DataDirInUse
 
@@ -146,7 +147,7 @@ def _serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         server.start()
-    except DataDirInUse as exc:
+    except (DataDirInUse, StoreLooksEmpty) as exc:
         print(f"imagingstudy-scp: {exc}", file=sys.stderr)
         return 1
     log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,

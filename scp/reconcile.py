@@ -27,10 +27,16 @@ log = logging.getLogger("scp.reconcile")
 MTIME_SLACK = 5.0
 
 
+class StoreLooksEmpty(RuntimeError):
+    """``studies/`` holds no instance although the index lists some: storage not mounted, or the wrong data dir."""
+
+
 def reconcile(store: Store, index: Index) -> list[str]:
     """Index new or changed files, resolve two copies of one instance, drop rows of missing files.
 
-    Returns the studies whose content changed.
+    Returns the studies whose content changed. Raises :class:`StoreLooksEmpty`, changing nothing, when every
+    indexed file is missing: dropping every row would withdraw every published study from every sink, which
+    an unmounted volume must not do (``reindex`` accepts such a loss explicitly).
     """
     indexed = index.paths()
     changed: set[str] = set()
@@ -47,6 +53,11 @@ def reconcile(store: Store, index: Index) -> list[str]:
         changed.add(stored.header.study_uid)
         log.info("indexed %s, %s", state.path,
                  "stored before the last stop but not in the index" if row is None else "changed since indexed")
+    if indexed and not on_disk:
+        raise StoreLooksEmpty(
+            f"{store.studies_dir} holds no instance but the index lists {len(indexed)}: is the storage mounted? "
+            "If the files are really gone, `imagingstudy-scp reindex` makes the index agree (the next start then "
+            "withdraws their ImagingStudy resources)")
     missing = sorted(indexed.keys() - on_disk)
     if missing:
         changed.update(index.remove_paths(missing))
@@ -64,7 +75,7 @@ def _keep_newest(store: Store, index: Index, stored: StoredInstance, state: Stor
     other = store.file_state(current.path)
     if other is None:
         return True  # its row is dropped with the missing files, or replaced by this one now
-    if other.mtime > state.mtime:
+    if other.mtime >= state.mtime:  # a tie (one clock tick, coarse timestamps) keeps the indexed copy
         _remove_older_copy(store, state.path, current.path)
         return False
     _remove_older_copy(store, current.path, state.path)
@@ -97,8 +108,8 @@ def _all_from_files(store: Store, previous: dict[str, StoredInstance]) -> Iterat
         sop = stored.header.sop_uid
         seen = newest.get(sop)
         if seen is not None:
-            if seen.mtime > state.mtime:
-                _remove_older_copy(store, state.path, seen.path)
+            if seen.mtime > state.mtime or (seen.mtime == state.mtime and state.path not in previous):
+                _remove_older_copy(store, state.path, seen.path)  # a tie keeps the copy the index had
                 continue
             _remove_older_copy(store, seen.path, state.path)
         newest[sop] = state

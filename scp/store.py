@@ -127,7 +127,7 @@ class Store:
                     os.fsync(handle.fileno())
                 size = os.fstat(handle.fileno()).st_size
         directory = os.path.dirname(final)
-        if self._making_dirs or not os.path.isdir(directory):
+        if not os.path.isdir(directory) or self._making_dirs:  # this order: see _make_dirs
             self._make_dirs(Path(directory))
         try:
             os.replace(temp_path, final)
@@ -212,7 +212,8 @@ class Store:
 
         One thread at a time, and while one is at it every commit comes through here: a directory another
         thread has just made exists before its parent is fsync'ed, and a file placed in it must not be
-        acknowledged until then.
+        acknowledged until then. A commit looks at the flag after seeing the directory: a directory it sees
+        was made after the flag was raised, so the flag is still up unless the parent is durable already.
         """
         with self._dirs_lock:
             self._making_dirs = True

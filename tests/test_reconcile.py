@@ -13,7 +13,7 @@ from dicom_factory import make_instance
 from scp.header import read_header
 from scp.index import Index
 from scp.ingest import Ingest
-from scp.reconcile import reconcile, reindex
+from scp.reconcile import StoreLooksEmpty, reconcile, reindex
 from scp.records import Provenance, StoredInstance
 from scp.store import DataDirInUse, DataDirLock, Store
 
@@ -146,3 +146,29 @@ def test_the_study_cache_holds_no_more_instances_than_its_budget(store: Store, t
             assert sum(len(instances) for _, instances in index._cache.values()) <= 3  # ~3 KB each
     finally:
         index.close()
+
+
+def test_a_studies_dir_without_any_indexed_file_stops_the_start_and_changes_nothing(
+        store: Store, index: Index, tmp_path: Path) -> None:
+    ingest = Ingest(store, index)
+    stored = receive(ingest, instance(tmp_path / "src", "one", STUDY_1, SERIES_1, "Doe^Jane"), at=1_000_000)
+    shutil.rmtree(store.studies_dir)  # an unmounted volume: the mount point is empty
+    store.studies_dir.mkdir()
+    with pytest.raises(StoreLooksEmpty, match="index lists 1: is the storage mounted"):
+        reconcile(store, index)
+    assert index.get(SOP) == stored  # not dropped: nothing is withdrawn from the sinks
+    assert reindex(store, index) == 0  # the explicit way to accept the loss
+
+
+def test_equal_times_keep_the_indexed_copy(store: Store, index: Index, tmp_path: Path) -> None:
+    ingest = Ingest(store, index)
+    old = instance(tmp_path / "src", "old", STUDY_1, SERIES_1, "Old^Copy")
+    old_path = receive(ingest, old, at=1_000_000).path
+    new_path = receive(ingest, instance(tmp_path / "src", "new", STUDY_2, SERIES_2, "New^Copy"), at=1_000_000).path
+    place_by_hand(store, old, old_path, mtime=(store.data_dir / new_path).stat().st_mtime)  # one clock tick
+
+    assert reconcile(store, index) == []
+    assert copies(store) == [new_path] and index.get(SOP).path == new_path  # type: ignore[union-attr]
+    place_by_hand(store, old, old_path, mtime=(store.data_dir / new_path).stat().st_mtime)
+    assert reindex(store, index) == 1
+    assert copies(store) == [new_path] and index.get(SOP).path == new_path  # type: ignore[union-attr]
