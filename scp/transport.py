@@ -393,11 +393,12 @@ class _EventDrivenDUL(DULServiceProvider):
         self._kill_thread = True  # the association reactor sees the DUL end and reports the abort
 
     def _end_now(self) -> None:
-        """End this thread, with an A-ABORT when an association is established. Before that (e.g. a TLS
-        handshake that never finished) there is nothing to abort, and a write could wait on the peer again;
-        the association thread closes the connection when its wait for the A-ASSOCIATE-RQ ends (ACSE
-        timeout), or at once if it was already over."""
-        if self.assoc.is_established:
+        """End this thread, with an A-ABORT when an association is established (or was, until the association
+        thread's own network timeout aborted it: its A-ABORT waits in the queue this thread no longer reads).
+        Before that (e.g. a TLS handshake that never finished) there is nothing to abort, and a write could wait
+        on the peer again; the association thread closes the connection when its wait for the A-ASSOCIATE-RQ
+        ends (ACSE timeout), or at once if it was already over."""
+        if self.assoc.is_established or self.assoc.is_aborted:
             self._abort_hard()
         else:
             self._kill_thread = True
