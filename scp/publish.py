@@ -434,9 +434,12 @@ class Publisher:
 
     def _publication(self, sink: Sink, study_uid: str,
                      instances: Sequence[StoredInstance]) -> Publication | _Rejected:
+        return self._assembler.get(study_uid, self._version_for(sink), instances)
+
+    def _version_for(self, sink: Sink) -> FhirVersion:
+        """The FHIR release the sink takes: a FHIR server's own (asked of the server), else the configured one."""
         version_of = getattr(sink, "fhir_version", None)
-        version = version_of() if callable(version_of) else self._options.version
-        return self._assembler.get(study_uid, version, instances)
+        return version_of() if callable(version_of) else self._options.version  # type: ignore[no-any-return]
 
     def _attempt(self, sink: Sink, item: OutboxItem) -> None:
         uid = item.study_uid
@@ -448,7 +451,25 @@ class Publisher:
         count, up_to = len(instances), max(i.provenance.received_at for i in instances)
         publication: Publication | _Rejected | None = None
         try:
-            publication = self._publication(sink, uid, instances)
+            version = self._version_for(sink)  # may ask the server: its failures are the sink's (below)
+        except DeliveryError as exc:
+            self._failed(sink, item, exc, count, up_to, None)
+            return
+        except Exception as exc:  # the server did not answer /metadata, say: retry, loudly at first
+            if item.attempts == 0:
+                log.exception("asking %s for its FHIR release raised", sink.name)
+            self._failed(sink, item, DeliveryError(f"{type(exc).__name__}: {exc}", retryable=True), count, up_to, None)
+            return
+        try:
+            publication = self._assembler.get(uid, version, instances)
+        except Exception as exc:  # noqa: BLE001 - a bug in assembling this study (its data, our mapping) is this
+            # item's, not the sink's: dead-lettered like a resource that fails validation, never pausing the sink;
+            # only an OSError (writing rejected/ on a full disk) is worth another try
+            log.exception("assembling the ImagingStudy of study %s raised", uid)
+            self._failed(sink, item, DeliveryError(f"cannot assemble the ImagingStudy: {type(exc).__name__}: {exc}",
+                                                   retryable=isinstance(exc, OSError)), count, up_to, None)
+            return
+        try:
             if isinstance(publication, _Rejected):
                 raise DeliveryError(f"invalid {publication.version} ImagingStudy (kept under rejected/): "
                                     + "; ".join(publication.problems), retryable=False)
@@ -456,7 +477,7 @@ class Publisher:
         except DeliveryError as exc:
             self._failed(sink, item, exc, count, up_to, publication)
             return
-        except Exception as exc:  # an unexpected failure (disk full, a bug in a sink): retry, loudly at first
+        except Exception as exc:  # an unexpected failure of the sink (disk full, a bug in it): retry, loudly at first
             if item.attempts == 0:
                 log.exception("publication of study %s to %s raised", uid, sink.name)
             self._failed(sink, item, DeliveryError(f"{type(exc).__name__}: {exc}", retryable=True), count, up_to,

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import scp.publish
 from conftest import wait_for
 from dicom_factory import make_instance, make_study
 from scp.fhir_version import FhirVersion
@@ -235,6 +236,31 @@ def test_start_up_compares_the_outbox_with_the_study_state_the_index_holds(index
     pub.resume([uid])
     assert pub.wait_idle(20)
     assert [p.resource["numberOfInstances"] for p in sink.published] == [3, 4]
+    pub.stop()
+
+
+def test_a_study_whose_assembly_raises_is_dead_lettered_without_holding_back_the_sink(
+        index: Index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken, fine = store(index, tmp_path / "b", "assembly-bug"), store(index, tmp_path / "f", "assembly-fine")
+    sink = FakeSink("directory")
+    pub = publisher(index, tmp_path, [sink])
+    assemble = scp.publish._Assembler.get
+
+    def raising_for_one(self: Any, uid: str, version: Any, instances: Any) -> Any:
+        if uid == broken:  # stands in for a mapping bug triggered by this study's data
+            raise ValueError("unexpected value")
+        return assemble(self, uid, version, instances)
+
+    monkeypatch.setattr(scp.publish._Assembler, "get", raising_for_one)
+    pub.start()
+    pub.submit([broken])
+    wait_for(lambda: (i := pub.outbox.get("directory", broken)) and i.state == DEAD, what="dead")
+    started = time.monotonic()
+    pub.submit([fine])
+    assert pub.wait_idle(20) and [p.study_uid for p in sink.published] == [fine]
+    assert time.monotonic() - started < 1  # not held back by a pause of the sink
+    dead = pub.outbox.get("directory", broken)
+    assert dead is not None and "ValueError: unexpected value" in (dead.last_error or "")
     pub.stop()
 
 
