@@ -136,7 +136,7 @@ class Store:
                 raise
             self._copy_in(temp_path, Path(final))
         if self._fsync:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return relative, size
 
     def _copy_in(self, source: str | os.PathLike[str], final: Path) -> None:
@@ -158,7 +158,7 @@ class Store:
         except FileNotFoundError:
             return
         if self._fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def free_bytes(self) -> int:
         """Space left for unprivileged writers on the store's filesystem."""
@@ -173,11 +173,6 @@ class Store:
                 os.unlink(entry.path)
                 removed += 1
         return removed
-
-    def stored_files(self) -> Iterator[str]:
-        """Every stored instance file, as a path relative to the data dir, in a stable order."""
-        for relative, _ in self._stored_entries():
-            yield relative
 
     def stored_file_states(self) -> Iterator[StoredFileState]:
         """Every stored instance file with its size and modification time, in a stable order."""
@@ -229,12 +224,13 @@ class Store:
                     except FileExistsError:
                         pass  # made by another process: its entry may not be durable yet either
                     if self._fsync:
-                        _fsync_dir(path.parent)
+                        fsync_dir(path.parent)
             finally:
                 self._making_dirs = False
 
 
-def _fsync_dir(directory: str | Path) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename, creation or removal in ``directory`` durable (the entry survives, or stays gone, a power cut)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,10 @@ def instance(folder: Path, name: str, study: str, series: str, patient: str) -> 
                          extra={"PatientName": patient})
 
 
-def race(ingest: Ingest, first: Path, second: Path, pause_first: Callable[[Callable[[], None]], None]) -> None:
-    """Store ``first`` and ``second`` on two threads, the second starting once the first has paused where
-    ``pause_first`` arranged (for at most :data:`PAUSE`, or until the second is done). Both must be
-    acknowledged."""
+def race(ingest: Ingest, first: Path, second: Path, pause_before: tuple[Any, str]) -> None:
+    """Store ``first`` and ``second`` on two threads, the second starting once the first has paused before
+    calling ``pause_before`` (an object and its method's name), for at most :data:`PAUSE` or until the second
+    is done. Both must be acknowledged."""
     first_paused, second_done = threading.Event(), threading.Event()
     results: dict[str, Any] = {}
 
@@ -53,7 +52,9 @@ def race(ingest: Ingest, first: Path, second: Path, pause_first: Callable[[Calla
             first_paused.set()
             second_done.wait(PAUSE)
 
-    pause_first(wait)
+    target, name = pause_before
+    method = getattr(target, name)
+    setattr(target, name, lambda *args: (wait(), method(*args))[1])
 
     def run(name: str, path: Path, started: threading.Event | None) -> None:
         if started is not None:
@@ -89,11 +90,7 @@ def test_a_move_and_a_resend_at_once_leave_the_indexed_copy_on_disk(store: Store
     moved = instance(tmp_path / "src", "moved", STUDY_2, SERIES_2, "Moved^To^Two")
     resent = instance(tmp_path / "src", "resent", STUDY_1, SERIES_1, "Resent^To^One")
 
-    def pause_before_removing_the_replaced_copy(wait: Callable[[], None]) -> None:
-        remove = store.remove
-        store.remove = lambda relative: (wait(), remove(relative))[1]  # type: ignore[method-assign]
-
-    race(ingest, moved, resent, pause_before_removing_the_replaced_copy)
+    race(ingest, moved, resent, pause_before=(store, "remove"))  # the copy the row replaced
     row = index.get(SOP)
     assert row is not None
     assert store.absolute(row.path).exists(), "the indexed copy was removed by the other store"
@@ -108,11 +105,7 @@ def test_two_copies_at_one_path_at_once_leave_a_row_that_describes_the_file(
     first = instance(tmp_path / "src", "first", STUDY_1, SERIES_1, "A^First")
     second = instance(tmp_path / "src", "second", STUDY_1, SERIES_1, "B^Second^Longer")
 
-    def pause_before_writing_the_row(wait: Callable[[], None]) -> None:
-        put = index.put
-        index.put = lambda stored: (wait(), put(stored))[1]  # type: ignore[method-assign]
-
-    race(ingest, first, second, pause_before_writing_the_row)
+    race(ingest, first, second, pause_before=(index, "put"))  # writing the row
     row = index.get(SOP)
     assert row is not None and stored_copies(store) == [store.absolute(row.path)]
     on_disk = read_header(store.absolute(row.path))
@@ -126,7 +119,7 @@ def test_a_file_in_a_directory_another_thread_just_made_waits_for_that_directory
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(tmp_path / "durable", fsync=True)
     first_in_place, order = threading.Event(), []
-    fsync_dir = scp.store._fsync_dir
+    fsync_dir = scp.store.fsync_dir
 
     def slow_parent_fsync(directory: Any) -> None:
         if threading.current_thread().name == "maker" and Path(directory) == store.studies_dir / STUDY_1:
@@ -135,7 +128,7 @@ def test_a_file_in_a_directory_another_thread_just_made_waits_for_that_directory
             order.append("series directory durable")
         fsync_dir(directory)
 
-    monkeypatch.setattr(scp.store, "_fsync_dir", slow_parent_fsync)
+    monkeypatch.setattr(scp.store, "fsync_dir", slow_parent_fsync)
     (tmp_path / "src").mkdir()
     headers = {name: read_header(make_instance(tmp_path / "src" / f"{name}.dcm", study_uid=STUDY_1,
                                                series_uid=SERIES_1, sop_uid=f"{SOP}.{number}"))

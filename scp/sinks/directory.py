@@ -14,6 +14,10 @@ from typing import Any
 import orjson
 
 from scp.sinks.base import Delivery, DeliveryError, Publication
+from scp.store import fsync_dir
+
+
+_TEMP_NAME = ".{name}.{pid}.{thread}.tmp"  # a resource being written (write_json_atomically)
 
 
 class DirectorySink:
@@ -31,7 +35,7 @@ class DirectorySink:
         """Remove the temp files of writes a crash interrupted (only the server calls this, at start, holding the
         data dir: another process's write may be in flight otherwise). How many were removed."""
         removed = 0
-        for temp in self.folder.glob(".*.json.*.tmp"):
+        for temp in self.folder.glob(_TEMP_NAME.format(name="*.json", pid="*", thread="*")):
             temp.unlink(missing_ok=True)
             removed += 1
         return removed
@@ -55,7 +59,7 @@ class DirectorySink:
         except IsADirectoryError as exc:  # not ours to remove: trying again will not help
             raise DeliveryError(f"cannot remove {path}: {exc}", retryable=False) from None
         if self._fsync:  # also when gone: an earlier attempt may have removed it and died before the fsync
-            fsync_directory(path.parent)
+            fsync_dir(path.parent)
         return Delivery(self.name, f"removed {path}" if removed else f"{path} was not there",
                         fields={"removed": removed})
 
@@ -63,7 +67,7 @@ class DirectorySink:
 def write_json_atomically(path: Path, document: Any, *, fsync: bool = True) -> None:
     """Write ``document`` to ``path`` so that readers see the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temp = path.with_name(_TEMP_NAME.format(name=path.name, pid=os.getpid(), thread=threading.get_ident()))
     data = orjson.dumps(document, option=orjson.OPT_INDENT_2)
     with open(temp, "wb") as handle:
         handle.write(data)
@@ -72,13 +76,4 @@ def write_json_atomically(path: Path, document: Any, *, fsync: bool = True) -> N
             os.fsync(handle.fileno())
     os.replace(temp, path)
     if fsync:
-        fsync_directory(path.parent)
-
-
-def fsync_directory(folder: Path) -> None:
-    """Make a rename or removal in ``folder`` durable (its entry survives, or stays gone after, a power cut)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(path.parent)
