@@ -22,6 +22,7 @@ and every association's report reached ``on_end``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import socketserver
@@ -51,6 +52,7 @@ from scp.uids import InvalidUID, check_uid
 log = logging.getLogger("scp.association")
 
 STOP_GRACE = 5.0  # seconds open associations get to end on their own when the server stops
+_BUSY_ACCEPT_DELAY = 0.002  # seconds per open association before accepting on a shared socket
 _ABORT_WAIT = 3.0  # seconds aborted associations get to wind down (their reports to reach on_end)
 
 # Process-wide pynetdicom switches (a server process has one store):
@@ -75,6 +77,7 @@ class AssociationReport:
     bytes: int = 0
     failures: Counter[int] = field(default_factory=Counter)
     studies: list[str] = field(default_factory=list)  # in first-touched order
+    pid: int = field(default_factory=os.getpid)  # the process that received it (several with ``workers``)
 
     @property
     def seconds(self) -> float:
@@ -101,6 +104,11 @@ class ListenerOptions:
     tls_context: ssl.SSLContext | None = None
     event_driven: bool = True  # scp.transport's adaptation (applied only to the pynetdicom it was written for)
     stop_grace: float = STOP_GRACE  # on stop: seconds before open associations are aborted
+    # Receiver processes (scp.workers): other processes accept on the same listening sockets, so accepting
+    # never waits (a connection another process took must not block this accept loop). ``sockets``: the
+    # listening sockets to accept on instead of binding (plain, then TLS), inherited from the server.
+    shared_accept: bool = False
+    sockets: tuple[socket.socket, ...] = ()
 
 
 class _Server(ThreadedAssociationServer):
@@ -135,6 +143,37 @@ class _Server(ThreadedAssociationServer):
         """Stop accepting and close the listening socket (the server was made, not registered, by the AE)."""
         socketserver.TCPServer.shutdown(self)
         self.server_close()
+
+
+def _server_class(adopted: socket.socket | None, shared_accept: bool) -> type[_Server]:
+    """:class:`_Server`, or one that accepts on ``adopted`` (bound and listening already) instead of binding,
+    and without waiting when other processes accept on the same socket."""
+    if adopted is None and not shared_accept:
+        return _Server
+
+    class _SharedServer(_Server):
+        def get_request(self) -> tuple[Any, Any]:
+            """Every process sharing the socket is woken for a connection and the first to accept takes it:
+            one with associations open waits a little first, so an idle process takes it (balance)."""
+            busy = len(self.active_associations)
+            if busy:
+                time.sleep(min(busy, 10) * _BUSY_ACCEPT_DELAY)
+            return super().get_request()
+
+        def server_bind(self) -> None:
+            if adopted is None:
+                super().server_bind()
+            else:
+                self.socket.close()
+                self.socket = adopted
+                self.server_address = adopted.getsockname()
+            self.socket.setblocking(False)  # another process may take the connection this one was woken for
+
+        def server_activate(self) -> None:
+            if adopted is None:
+                super().server_activate()
+
+    return _SharedServer
 
 
 class Listener:
@@ -192,15 +231,22 @@ class Listener:
         ]
         if self.options.event_driven:
             self._spare_files.start()
-        self._serve(self.options.port, None, handlers)
+        adopted = list(self.options.sockets) + [None, None]
+        self._serve(self.options.port, None, handlers, adopted[0])
         log.info("listening on %s:%d as %s", self.options.host, self.port, self.options.aet)
         if self.options.tls_port is not None:
-            self._serve(self.options.tls_port, self.options.tls_context, handlers)
+            self._serve(self.options.tls_port, self.options.tls_context, handlers, adopted[1])
             log.info("listening with TLS on %s:%d as %s", self.options.host, self.tls_port, self.options.aet)
 
-    def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any]) -> None:
+    def listening_sockets(self) -> list[socket.socket]:
+        """The listening sockets (plain, then TLS), for receiver processes to accept on too."""
+        return [server.socket for server in self._servers]
+
+    def _serve(self, port: int, context: ssl.SSLContext | None, handlers: list[Any],
+               adopted: socket.socket | None) -> None:
         extra = {"request_handler": EventDrivenRequestHandler} if self.options.event_driven else {}
-        server = self._ae.make_server((self.options.host, port), evt_handlers=handlers, server_class=_Server,
+        server = self._ae.make_server((self.options.host, port), evt_handlers=handlers,
+                                      server_class=_server_class(adopted, self.options.shared_accept),
                                       ssl_context=context, **extra)
         server.store_handler = self  # type: ignore[attr-defined]  # see scp.transport.StoreHandler
         thread = threading.Thread(target=server.serve_forever, name=f"dicom-{server.server_address[1]}",

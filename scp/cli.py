@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dimse-timeout", type=float, help="seconds (default 60)")
     serve.add_argument("--network-timeout", type=float,
                        help="seconds without network activity before closing (default 60)")
+    serve.add_argument("--workers", type=int, help="processes receiving associations (default 1; more use more "
+                       "CPU cores for parallel associations)")
     serve.add_argument("--stock-transport", action="store_const", const=False, dest="event_driven_transport",
                        help="use pynetdicom's polling transport unchanged (for comparisons)")
     serve.add_argument("--max-instance-size-mb", type=int, help="refuse larger instances with 0xA700 (0 = no limit)")
@@ -136,6 +138,7 @@ def _serve(settings: Settings) -> int:
     from scp.reconcile import StoreLooksEmpty
     from scp.server import Server
     from scp.store import DataDirInUse
+    from scp.workers import ReceiverFailed
 
     server = Server(settings)
 
@@ -147,7 +150,7 @@ def _serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         server.start()
-    except (DataDirInUse, StoreLooksEmpty) as exc:
+    except (DataDirInUse, StoreLooksEmpty, ReceiverFailed) as exc:
         print(f"imagingstudy-scp: {exc}", file=sys.stderr)
         return 1
     log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,

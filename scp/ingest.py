@@ -7,12 +7,16 @@ the store/index (which own the disk).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import sqlite3
 import threading
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,13 +90,33 @@ class _SopLocks:
     re-send, say) would otherwise interleave those steps: one removes the file the other just placed, and
     an acknowledged instance is lost, or the row describes the other copy's file. Different instances
     rarely share a stripe, so parallel associations still store in parallel.
+
+    With receiver processes (``workers``) the stripe is also locked across processes: a one-byte POSIX
+    record lock at the stripe's offset in ``shared_file``. Such locks belong to the process, not the thread,
+    so the thread lock is taken first. The stripe comes from CRC-32 (``hash()`` differs between processes).
     """
 
-    def __init__(self, stripes: int = _SOP_LOCK_STRIPES) -> None:
+    def __init__(self, stripes: int = _SOP_LOCK_STRIPES, shared_file: str | os.PathLike[str] | None = None) -> None:
         self._locks = [threading.Lock() for _ in range(stripes)]
+        self._fd = os.open(shared_file, os.O_RDWR | os.O_CREAT, 0o644) if shared_file is not None else None
 
-    def __call__(self, sop_uid: str) -> threading.Lock:
-        return self._locks[hash(sop_uid) % len(self._locks)]
+    @contextlib.contextmanager
+    def __call__(self, sop_uid: str) -> Iterator[None]:
+        stripe = zlib.crc32(sop_uid.encode()) % len(self._locks)
+        with self._locks[stripe]:
+            if self._fd is None:
+                yield
+                return
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, stripe)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Ingest:
@@ -100,14 +124,18 @@ class Ingest:
 
     def __init__(self, store: Store, index: Index, metrics: Metrics | None = None, *,
                  min_free_bytes: int = 0, max_instance_bytes: int = 0,
-                 duplicate_policy: DuplicatePolicy = "replace") -> None:
+                 duplicate_policy: DuplicatePolicy = "replace", shared_lock_file: str | None = None) -> None:
         self.store = store
         self.index = index
         self.metrics = metrics or Metrics()
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
         self.duplicate_policy = duplicate_policy
-        self._sop_lock = _SopLocks()
+        self._sop_lock = _SopLocks(shared_file=shared_lock_file)  # a file: stores by other processes too
+
+    def close(self) -> None:
+        """Let go of the shared lock file (nothing else is held between stores)."""
+        self._sop_lock.close()
 
     def accept(self, temp_path: str | os.PathLike[str], *, sop_instance_uid: str | None,
                sop_class_uid: str | None, provenance: Provenance, head: bytes | bytearray = b"",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+
+import orjson
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -37,6 +39,27 @@ class Metrics:
                                   "Age of the oldest study waiting to be published (0 when none)", registry=r)
         self.outbox_dead = Gauge("imagingstudy_scp_outbox_dead", "Publications a sink refused for good "
                                  "(dead-lettered until `imagingstudy-scp outbox retry`)", registry=r)
+
+    def counter_values(self) -> dict[str, float]:
+        """Every counter's value, keyed by name and labels: what a receiver process reports to the server."""
+        values: dict[str, float] = {}
+        for family in self.registry.collect():
+            if family.type == "counter":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        values[orjson.dumps([family.name, sample.labels]).decode()] = sample.value
+        return values
+
+    def add_counts(self, increments: Mapping[str, float]) -> None:
+        """Add increments keyed as :meth:`counter_values` keys them (a receiver process's, to the server's)."""
+        counters = {family.name: counter for counter in (self.associations, self.instances, self.bytes,
+                                                         self.store_failures, self.duplicates)
+                    for family in counter.collect()}
+        for key, amount in increments.items():
+            name, labels = orjson.loads(key)
+            counter = counters.get(name)
+            if counter is not None and amount > 0:
+                (counter.labels(**labels) if labels else counter).inc(amount)
 
     def track_queue(self, depth: Callable[[], int], oldest_age: Callable[[], float]) -> None:
         """Read the publication queue's depth and oldest age at scrape time."""

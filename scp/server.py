@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
 from pathlib import Path
 
@@ -26,8 +27,11 @@ from scp.sinks.fhir_server import fhir_sinks
 from scp.store import DataDirLock, Store
 from scp.tls import server_context
 from scp.validation import prepare
+from scp.workers import SOP_LOCK_FILE, Receivers
 
 log = logging.getLogger("scp.server")
+
+_RECEIVER_STOP_MARGIN = 5.0  # seconds beyond the stop grace for receiver processes to abort, report and exit
 
 
 class Server:
@@ -41,14 +45,17 @@ class Server:
         self.index = Index(self.store.data_dir / INDEX_FILE)
         self.publisher = publisher_for(settings, self.index, self.metrics)
         self.metrics.track_queue(self.publisher.depth, self.publisher.oldest_age)
+        shared_lock = str(self.store.data_dir / SOP_LOCK_FILE) if settings.workers > 1 else None
         self.ingest = Ingest(self.store, self.index, self.metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
                              max_instance_bytes=settings.max_instance_size_mb * 2**20,
-                             duplicate_policy=settings.duplicate_policy)
+                             duplicate_policy=settings.duplicate_policy, shared_lock_file=shared_lock)
         self.listener = Listener(listener_options(settings), self.ingest, on_end=self._association_ended)
+        self.receivers: Receivers | None = None  # the other receiving processes, with workers > 1
         self.admin: AdminServer | None = None
         if settings.http_port is not None:
             self.admin = AdminServer(settings.http_host, settings.http_port, self.metrics,
-                                     [self._store_writable, self._index_open, self._disk_above_threshold])
+                                     [self._store_writable, self._index_open, self._disk_above_threshold,
+                                      self._receivers_running])
         self._stopped = threading.Event()
 
     @property
@@ -68,7 +75,7 @@ class Server:
     def _abandon_start(self) -> None:
         """A start that failed half-way (a port in use, say): stop what it started, and only then let the data
         dir go, so that no worker of this server still delivers its outbox beside the next one."""
-        for step in (self.listener.stop, self.publisher.stop, self.index.close):
+        for step in (self._stop_receiving, self.publisher.stop, self.index.close, self.ingest.close):
             try:
                 step()
             except Exception:  # noqa: BLE001 - the start's own error is what the caller must see
@@ -90,6 +97,12 @@ class Server:
             log.info("publishing %d studies not published before the last stop", len(backlog))
             self.publisher.resume(backlog, changed=changed)  # per sink: only what it has not delivered
         self.listener.start()
+        if self.settings.workers > 1:
+            assert self._data_dir_lock.fd is not None
+            self.receivers = Receivers(self.settings, self.settings.workers - 1, self.listener.listening_sockets(),
+                                       self._data_dir_lock.fd, self.metrics, on_report=self._association_ended,
+                                       on_lost=self._publish_unpublished)
+            self.receivers.start()
         if self.admin is not None:
             self.admin.start()
 
@@ -105,10 +118,28 @@ class Server:
         self._stopped.set()
         if self.admin is not None:
             self.admin.stop()
-        self.listener.stop()
+        self._stop_receiving()
         self.publisher.stop()
         self.index.close()
+        self.ingest.close()
         self._data_dir_lock.release()
+
+    def _stop_receiving(self) -> None:
+        """Stop this process's listener and the receiver processes, side by side (each gives its open
+        associations the stop grace); their last reports reach the publisher before it stops."""
+        stopper = None
+        if self.receivers is not None:
+            grace = listener_options(self.settings).stop_grace
+            stopper = threading.Thread(target=self.receivers.stop, args=(grace + _RECEIVER_STOP_MARGIN,),
+                                       name="stop receivers")
+            stopper.start()
+        self.listener.stop()
+        if stopper is not None:
+            stopper.join()
+
+    def _publish_unpublished(self) -> None:
+        """A receiver process died: queue what it acknowledged on associations that never reached their end."""
+        self.publisher.resume(self.index.unpublished_studies())
 
     def wait(self) -> None:
         self._stopped.wait()
@@ -142,6 +173,10 @@ class Server:
         free, minimum = self.store.free_bytes(), self.settings.min_free_disk_mb * 2**20
         return f"free disk {free // 2**20} MB is below {self.settings.min_free_disk_mb} MB" if free < minimum else None
 
+    def _receivers_running(self) -> str | None:
+        missing = self.receivers.not_running() if self.receivers is not None else 0
+        return f"{missing} receiver process(es) not running" if missing else None
+
     def _association_ended(self, report: AssociationReport) -> None:
         failures = {f"0x{status:04X}": count for status, count in sorted(report.failures.items())}
         shown = ",".join(f"{s}:{n}" for s, n in failures.items()) or "none"
@@ -153,7 +188,7 @@ class Server:
                    association_id=report.association_id, how=report.how, calling_aet=report.calling_aet,
                    called_aet=report.called_aet, peer=report.peer, instances=report.instances,
                    bytes=report.bytes, seconds=round(report.seconds, 6), studies=len(report.studies),
-                   failures=failures)
+                   failures=failures, pid=report.pid)
         if report.studies:
             self.publisher.submit(report.studies, ended_at=report.ended)
 
@@ -166,8 +201,12 @@ def _prepare_validation(versions: set[FhirVersion | None]) -> None:
             prepare(version)
 
 
-def listener_options(settings: Settings) -> ListenerOptions:
-    """The DICOM listener as the settings describe it: address, AE policy, limits, TLS."""
+def listener_options(settings: Settings, sockets: tuple[socket.socket, ...] = ()) -> ListenerOptions:
+    """The DICOM listener of one receiving process as the settings describe it: address, AE policy, limits, TLS.
+
+    With receiver processes (``workers``) each takes its share of ``max_associations`` and accepts without
+    waiting; ``sockets`` are the listening sockets a receiver process inherited.
+    """
     policy = AEPolicy(
         our_aet=settings.aet,
         accept_any_called_aet=settings.accept_any_called_aet,
@@ -181,10 +220,11 @@ def listener_options(settings: Settings) -> ListenerOptions:
                                      require_client_cert=settings.tls_require_client_cert)
     return ListenerOptions(
         host=settings.host, port=settings.port, aet=settings.aet, policy=policy,
-        maximum_pdu_size=settings.max_pdu_size, maximum_associations=settings.max_associations,
+        maximum_pdu_size=settings.max_pdu_size,
+        maximum_associations=-(-settings.max_associations // settings.workers),  # rounded up
         network_timeout=settings.network_timeout, acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout, tls_port=settings.tls_port, tls_context=tls_context,
-        event_driven=settings.event_driven_transport,
+        event_driven=settings.event_driven_transport, shared_accept=settings.workers > 1, sockets=sockets,
     )
 
 

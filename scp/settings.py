@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     dimse_timeout: float = Field(60, gt=0, description="seconds to wait for DIMSE messages")
     network_timeout: float = Field(60, gt=0, description="seconds without network activity before closing "
                                    "(not counted while a C-STORE is being stored)")
+    workers: int = Field(1, ge=1, le=64, description="processes receiving associations on the DICOM port(s); more "
+                         "than 1 lets parallel associations use several CPU cores")
     event_driven_transport: bool = Field(
         True, description="event-driven waits instead of pynetdicom's 1 ms polling (scp/transport.py; applied only "
         "to the pynetdicom version it was written for)")

@@ -25,6 +25,7 @@ TMP = "tmp"
 
 
 LOCK_FILE = "lock"
+_DURABLE_DIRS_REMEMBERED = 20_000
 
 
 class DataDirInUse(RuntimeError):
@@ -58,6 +59,11 @@ class DataDirLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    @property
+    def fd(self) -> int | None:
+        """The locked file's descriptor: a child process that inherits it holds the lock too (receivers)."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the only descriptor releases the flock
@@ -82,7 +88,8 @@ class Store:
         self._fsync = fsync
         self._root = str(self.data_dir)
         self._dirs_lock = threading.Lock()
-        self._making_dirs = False  # a thread is making directories (see _make_dirs)
+        # (path, inode) of study/series directories whose entries this process has made durable (see _ready_dir)
+        self._durable_dirs: set[tuple[str, int]] = set()
         for directory in (self.data_dir, self.studies_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -127,8 +134,7 @@ class Store:
                     os.fsync(handle.fileno())
                 size = os.fstat(handle.fileno()).st_size
         directory = os.path.dirname(final)
-        if not os.path.isdir(directory) or self._making_dirs:  # this order: see _make_dirs
-            self._make_dirs(Path(directory))
+        self._ready_dir(directory)
         try:
             os.replace(temp_path, final)
         except OSError as exc:
@@ -202,31 +208,44 @@ class Store:
                     if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False):
                         yield f"{STUDIES}/{study.name}/{series.name}/{entry.name}", entry
 
-    def _make_dirs(self, directory: Path) -> None:
-        """Create the study/series directories, fsync'ing each parent that gained an entry.
+    def _ready_dir(self, directory: str) -> None:
+        """Make sure the study/series ``directory`` exists and, when durable, that its entries up to
+        ``studies/`` survive a power cut before a file placed in it is acknowledged.
 
-        One thread at a time, and while one is at it every commit comes through here: a directory another
-        thread has just made exists before its parent is fsync'ed, and a file placed in it must not be
-        acknowledged until then. A commit looks at the flag after seeing the directory: a directory it sees
-        was made after the flag was raised, so the flag is still up unless the parent is durable already.
+        A directory counts as durable once this process has fsync'ed the parents of it and of its study
+        directory; it is remembered by path and inode (one removed and made again is another). A directory
+        found made by another thread or process, whose maker may not have fsync'ed its parent yet, gets its
+        parents fsync'ed here first: once per directory and process.
         """
+        try:
+            inode = os.stat(directory).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode is not None and (not self._fsync or (directory, inode) in self._durable_dirs):
+            return
+        self._make_dirs(directory)
+
+    def _make_dirs(self, directory: str) -> None:
+        """Create what is missing of the study/series directories and fsync the parent of each (one thread at
+        a time); then remember them as durable."""
+        chain = [directory, os.path.dirname(directory)]  # series, then study; their parents get fsync'ed
         with self._dirs_lock:
-            self._making_dirs = True
-            try:
-                missing: list[Path] = []
-                current = directory
-                while not current.exists():
-                    missing.append(current)
-                    current = current.parent
-                for path in reversed(missing):
-                    try:
-                        path.mkdir()
-                    except FileExistsError:
-                        pass  # made by another process: its entry may not be durable yet either
-                    if self._fsync:
-                        fsync_dir(path.parent)
-            finally:
-                self._making_dirs = False
+            inodes = []
+            for path in reversed(chain):
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    pass  # made by another thread or process: its entry may not be durable yet either
+                inodes.append(os.stat(path).st_ino)
+            if not self._fsync:
+                return
+            if all((path, inode) in self._durable_dirs for path, inode in zip(reversed(chain), inodes)):
+                return  # another thread did it while this one waited for the lock
+            for path in reversed(chain):
+                fsync_dir(os.path.dirname(path))
+            if len(self._durable_dirs) > _DURABLE_DIRS_REMEMBERED:
+                self._durable_dirs.clear()  # forgetting costs an fsync of two parents per directory, once
+            self._durable_dirs.update(zip(reversed(chain), inodes))
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -323,7 +323,8 @@ class Ours(Receiver):
                 "--data-dir", str(self.data_dir), *self.extra_args]
 
     def ready(self) -> bool:
-        return f"listening on 127.0.0.1:{self.port}" in self.log_text()
+        """Once the server says it serves: with ``--workers`` its receiver processes accept by then too."""
+        return re.search(rf"serving \S+ on 127\.0\.0\.1:{self.port}\b", self.log_text()) is not None
 
     def stored_files(self) -> list[Path]:
         return sorted((self.data_dir / "studies").rglob("*.dcm"))

@@ -1,0 +1,222 @@
+"""Receiver processes (``--workers``): parallel associations received by several processes over one data dir.
+
+Real processes throughout: the server started with `serve --workers 2`, pynetdicom associations held open so that
+both processes receive some, real SIGKILLs of a receiver and of the server process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import scp.store
+from conftest import RunningSCP, free_port, wait_for
+from dicom_factory import make_instance
+from scp.header import read_header
+from scp.ingest import _SopLocks
+from scp.server import listener_options
+from scp.settings import load_settings
+from scp.store import Store
+from scu import associate, store
+
+STUDY = "1.2.3.700"
+
+
+def instances(folder: Path, count: int, tag: int) -> list[Path]:
+    """``count`` instances, each in its own study ``1.2.3.700.<tag>.<n>``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [make_instance(folder / f"{tag}-{n}.dcm", study_uid=f"{STUDY}.{tag}.{n}",
+                          series_uid=f"{STUDY}.{tag}.{n}.1", sop_uid=f"{STUDY}.{tag}.{n}.1.1") for n in range(count)]
+
+
+def start_with_receivers(scp_factory: Callable[..., RunningSCP], *args: str) -> tuple[RunningSCP, int]:
+    """A server with one receiver process; returns it and the receiver's pid, once both accept."""
+    server = scp_factory("--workers", "2", "--log-format", "json", *args)
+    wait_for(lambda: "serving" in server.log(), what="the server and its receiver to accept")
+    return server, receiver_pid(server)
+
+
+def receiver_pid(server: RunningSCP, nth: int = 1) -> int:
+    pids = re.findall(r"receiver process 1 started \(pid (\d+)\)", server.log())
+    assert len(pids) >= nth, server.log()
+    return int(pids[nth - 1])
+
+
+def sockets_of(pid: int) -> int:
+    """How many sockets the process holds (each accepted association adds one)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def associations_on_both(port: int, files: list[Path], receiver: int) -> tuple[list[Any], list[Any]]:
+    """Associations held open until the receiver process has at least one; (on the receiver, on the server)."""
+    on_receiver: list[Any] = []
+    on_server: list[Any] = []
+    for _ in range(30):
+        before = sockets_of(receiver)
+        assoc = associate(port, files[:1])
+        time.sleep(0.05)
+        (on_receiver if sockets_of(receiver) > before else on_server).append(assoc)
+        if on_receiver and on_server:
+            return on_receiver, on_server
+    pytest.fail(f"30 associations, none shared: {len(on_receiver)} on the receiver, {len(on_server)} on the server")
+
+
+def association_records(server: RunningSCP) -> list[dict[str, Any]]:
+    records = []
+    for line in server.log().splitlines():
+        if line.startswith("{"):
+            record = orjson.loads(line)
+            if record.get("event") == "association":
+                records.append(record)
+    return records
+
+
+def test_associations_on_both_processes_are_stored_counted_and_published(
+        scp_factory: Callable[..., RunningSCP], tmp_path: Path) -> None:
+    http_port = free_port()
+    server, receiver = start_with_receivers(scp_factory, "--http-port", str(http_port))
+    files = instances(tmp_path / "src", 6, 1)
+    on_receiver, on_server = associations_on_both(server.port, files, receiver)
+    associations = on_receiver + on_server
+    for number, path in enumerate(files):
+        assert store(associations[number % len(associations)], path) == 0x0000
+    for assoc in associations:
+        assoc.release()
+
+    for path in files:
+        header = read_header(path)
+        study = server.wait_for_study(header.study_uid, instances=1)
+        assert study["series"][0]["instance"][0]["uid"] == header.sop_uid
+    records = association_records(server)
+    assert {record["pid"] for record in records} == {server.process.pid, receiver}  # type: ignore[union-attr]
+    assert sum(record["instances"] for record in records) == len(files)
+
+    def stored_counter() -> float | None:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+        match = re.search(r"^imagingstudy_scp_instances_stored_total (\S+)$", text, re.M)
+        return float(match.group(1)) if match and float(match.group(1)) == len(files) else None
+
+    assert wait_for(stored_counter, 10, what="the receiver's counts in the server's metrics") == len(files)
+    assert urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5).status == 200
+
+    assert server.stop() == 0
+    wait_for(lambda: not Path(f"/proc/{receiver}").exists(), 10, what="the receiver process to end with the server")
+
+
+def test_a_receiver_that_dies_is_replaced_and_what_it_acknowledged_is_published(
+        scp_factory: Callable[..., RunningSCP], tmp_path: Path) -> None:
+    server, receiver = start_with_receivers(scp_factory)
+    files = instances(tmp_path / "src", 2, 2)
+    on_receiver, on_server = associations_on_both(server.port, files, receiver)
+    assert store(on_receiver[0], files[0]) == 0x0000  # acknowledged, its association never released
+
+    os.kill(receiver, signal.SIGKILL)
+    study = server.wait_for_study(read_header(files[0]).study_uid, instances=1)  # published all the same
+    assert study["numberOfInstances"] == 1
+    replacement = wait_for(lambda: len(re.findall(r"receiver process 1 started", server.log())) == 2
+                           and receiver_pid(server, 2), what="a new receiver process")
+    assert replacement != receiver and "ended with status -9" in server.log()
+    assert not list((server.data_dir / "tmp").glob(f"spare-{receiver}-*"))  # its spare files removed
+
+    assert store(on_server[0], files[1]) == 0x0000  # the server's own associations carry on
+    for assoc in on_server:
+        assoc.release()
+    server.wait_for_study(read_header(files[1]).study_uid, instances=1)
+
+
+def test_killing_the_server_process_ends_its_receivers_and_the_next_start_publishes_their_studies(
+        scp_factory: Callable[..., RunningSCP], tmp_path: Path) -> None:
+    server, receiver = start_with_receivers(scp_factory, "--outbox-initial-delay", "60")
+    files = instances(tmp_path / "src", 1, 3)
+    on_receiver, on_server = associations_on_both(server.port, files, receiver)
+    assert store(on_receiver[0], files[0]) == 0x0000
+    server.kill()  # SIGKILL: no stop, no publication
+
+    wait_for(lambda: not Path(f"/proc/{receiver}").exists() or _zombie(receiver), 15,
+             what="the orphaned receiver to stop")
+    restarted = RunningSCP(server.data_dir).start()
+    try:
+        study = restarted.wait_for_study(read_header(files[0]).study_uid, instances=1)
+        assert study["numberOfInstances"] == 1
+    finally:
+        assert restarted.stop() == 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_stores_of_one_sop_instance_are_serialised_across_processes(tmp_path: Path) -> None:
+    lock_file = tmp_path / "sop.lock"
+    locks = _SopLocks(shared_file=lock_file)
+    other_sop = next(f"1.2.3.{n}" for n in range(1000)
+                     if zlib.crc32(f"1.2.3.{n}".encode()) % 256 != zlib.crc32(b"1.2.3.1") % 256)
+    probe = textwrap.dedent(f"""
+        import sys, time
+        from scp.ingest import _SopLocks
+        locks = _SopLocks(shared_file={str(lock_file)!r})
+        for sop in sys.argv[1:]:
+            started = time.monotonic()
+            with locks(sop):
+                print(f"{{sop}} {{time.monotonic() - started:.3f}}", flush=True)
+    """)
+    with locks("1.2.3.1"):
+        child = subprocess.Popen([sys.executable, "-c", probe, other_sop, "1.2.3.1"], stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout is not None
+        other_line = child.stdout.readline()  # another stripe: not held up
+        time.sleep(0.5)
+    same_line = child.stdout.readline()
+    child.wait(10)
+    locks.close()
+    assert float(other_line.split()[1]) < 0.3, other_line
+    assert float(same_line.split()[1]) >= 0.4, same_line  # waited for this process's store of that instance
+
+
+def test_a_directory_made_by_another_process_is_made_durable_before_a_file_in_it_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    durable = Store(tmp_path / "durable", fsync=True)
+    source = make_instance(tmp_path / "one.dcm", study_uid=STUDY, series_uid=f"{STUDY}.1", sop_uid=f"{STUDY}.1.1")
+    header = read_header(source)
+    series_dir = durable.studies_dir / STUDY / f"{STUDY}.1"
+    series_dir.mkdir(parents=True)  # as another receiver process leaves it: made, parents maybe not fsync'ed yet
+    fsynced: list[Path] = []
+    real_fsync_dir = scp.store.fsync_dir
+    monkeypatch.setattr(scp.store, "fsync_dir", lambda d: (fsynced.append(Path(d)), real_fsync_dir(d))[1])
+
+    temp = durable.tmp_dir / "one.part"
+    temp.write_bytes(source.read_bytes())
+    durable.commit(temp, header)
+    assert {durable.studies_dir, durable.studies_dir / STUDY, series_dir} <= set(fsynced)
+
+    fsynced.clear()
+    temp.write_bytes(source.read_bytes())
+    durable.commit(temp, header)  # known durable now: only the file's own directory
+    assert fsynced == [series_dir]
+
+
+def test_each_process_admits_its_share_of_max_associations() -> None:
+    assert listener_options(load_settings({"max_associations": 5, "workers": 2})).maximum_associations == 3
+    assert listener_options(load_settings({"max_associations": 5})).maximum_associations == 5
