@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from conftest import AET
 
 
 def associate(port: int, datasets: Iterable[Dataset | Path] = (), *, calling: str = "PYSCU",
-              called: str = AET) -> Association:
-    """An established association proposing the SOP classes/transfer syntaxes of ``datasets``."""
+              called: str = AET, tls: ssl.SSLContext | None = None) -> Association:
+    """An established association proposing the SOP classes/transfer syntaxes of ``datasets`` (over TLS with
+    ``tls``, a client context that trusts the server)."""
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     seen: set[tuple[str, str]] = set()
@@ -26,7 +28,8 @@ def associate(port: int, datasets: Iterable[Dataset | Path] = (), *, calling: st
         if key not in seen:
             seen.add(key)
             ae.add_requested_context(*key)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    tls_args = (tls, "127.0.0.1") if tls is not None else None
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
     assert assoc.is_established, "association was not established"
     return assoc
 

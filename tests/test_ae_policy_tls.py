@@ -67,26 +67,6 @@ def test_accept_any_called_aet_relaxes_the_check(scp_factory) -> None:  # type: 
     assert echo(server.port, aec="WHATEVER").returncode == 0
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
-    folder = tmp_path / "pki"
-    folder.mkdir()
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=test CA", cwd=folder)
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=folder)
-        (folder / f"{name}.ext").write_text(extra + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
-    return folder
-
-
 def test_tls_with_a_trusted_client_certificate(scp_factory, pki: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     tls_port = free_port()
     server: RunningSCP = scp_factory("--tls-port", str(tls_port), "--tls-cert", str(pki / "server.pem"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -66,13 +67,14 @@ def sockets_of(pid: int) -> int:
     return count
 
 
-def associations_on_both(port: int, files: list[Path], receiver: int) -> tuple[list[Any], list[Any]]:
+def associations_on_both(port: int, files: list[Path], receiver: int,
+                         tls: ssl.SSLContext | None = None) -> tuple[list[Any], list[Any]]:
     """Associations held open until the receiver process has at least one; (on the receiver, on the server)."""
     on_receiver: list[Any] = []
     on_server: list[Any] = []
     for _ in range(30):
         before = sockets_of(receiver)
-        assoc = associate(port, files[:1])
+        assoc = associate(port, files[:1], tls=tls)
         time.sleep(0.05)
         (on_receiver if sockets_of(receiver) > before else on_server).append(assoc)
         if on_receiver and on_server:
@@ -120,6 +122,22 @@ def test_associations_on_both_processes_are_stored_counted_and_published(
 
     assert server.stop() == 0
     wait_for(lambda: not Path(f"/proc/{receiver}").exists(), 10, what="the receiver process to end with the server")
+
+
+def test_tls_associations_are_received_by_both_processes(scp_factory: Callable[..., RunningSCP], pki: Path,
+                                                         tmp_path: Path) -> None:
+    tls_port = free_port()
+    server, receiver = start_with_receivers(scp_factory, "--tls-port", str(tls_port), "--tls-cert",
+                                            str(pki / "server.pem"), "--tls-key", str(pki / "server.key"))
+    files = instances(tmp_path / "src", 2, 4)
+    on_receiver, on_server = associations_on_both(tls_port, files, receiver,
+                                                  tls=ssl.create_default_context(cafile=str(pki / "ca.pem")))
+    assert store(on_receiver[0], files[0]) == 0x0000
+    assert store(on_server[0], files[1]) == 0x0000
+    for assoc in on_receiver + on_server:
+        assoc.release()
+    for path in files:
+        server.wait_for_study(read_header(path).study_uid, instances=1)
 
 
 def test_a_receiver_that_dies_is_replaced_and_what_it_acknowledged_is_published(
