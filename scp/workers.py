@@ -138,8 +138,11 @@ class Receivers:
         finally:
             os.close(write_fd)
         assert process.stdin is not None
-        process.stdin.write(pickle.dumps(_Assignment(self._settings, socket_fds, write_fd)))
-        process.stdin.flush()
+        try:
+            process.stdin.write(pickle.dumps(_Assignment(self._settings, socket_fds, write_fd)))
+            process.stdin.flush()
+        except OSError:
+            log.exception("cannot brief receiver process %d (pid %d)", slot + 1, process.pid)  # it ends: see _relay
         receiver = _Receiver(slot, process)
         relay = threading.Thread(target=self._relay, args=(receiver, read_fd), name=f"receiver-{slot}",
                                  daemon=True)
@@ -173,7 +176,10 @@ class Receivers:
         delay = _RESTART_DELAYS[min(self._restarts[receiver.slot], len(_RESTART_DELAYS) - 1)]
         self._restarts[receiver.slot] += 1
         if not self._stopping.wait(delay):
-            self._spawn(receiver.slot)
+            try:
+                self._spawn(receiver.slot)
+            except Exception:  # noqa: BLE001 - e.g. out of file descriptors: /readyz says it is missing
+                log.exception("cannot start receiver process %d again", receiver.slot + 1)
 
     def _deliver(self, receiver: _Receiver, line: bytes) -> None:
         try:
@@ -183,9 +189,13 @@ class Receivers:
             return
         if message.get("ready"):
             receiver.ready.set()
-        self._metrics.add_counts(message.get("counters", {}))
-        if "report" in message:
-            self._on_report(_report_from(message["report"]))
+        try:
+            self._metrics.add_counts(message.get("counters", {}))
+            if "report" in message:
+                self._on_report(_report_from(message["report"]))
+        except Exception:  # noqa: BLE001 - the pipe must be read on (a full one would stall the receiver)
+            log.exception("while handling a receiver process's report; its studies are published at the next "
+                          "start if not before")
 
 
 def _child_environment() -> dict[str, str]:
