@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dimse-timeout", type=float, help="seconds (default 60)")
     serve.add_argument("--network-timeout", type=float,
                        help="seconds without network activity before closing (default 60)")
+    serve.add_argument("--stop-grace", type=float, help="on stop: seconds open associations get to end before "
+                       "they are aborted (default 5)")
     serve.add_argument("--workers", type=int, help="processes receiving associations (default 1; more use more "
                        "CPU cores for parallel associations)")
     serve.add_argument("--stock-transport", action="store_const", const=False, dest="event_driven_transport",

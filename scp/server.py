@@ -224,7 +224,8 @@ def listener_options(settings: Settings, sockets: tuple[socket.socket, ...] = ()
         maximum_associations=-(-settings.max_associations // settings.workers),  # rounded up
         network_timeout=settings.network_timeout, acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout, tls_port=settings.tls_port, tls_context=tls_context,
-        event_driven=settings.event_driven_transport, shared_accept=settings.workers > 1, sockets=sockets,
+        event_driven=settings.event_driven_transport, stop_grace=settings.stop_grace,
+        shared_accept=settings.workers > 1, sockets=sockets,
     )
 
 

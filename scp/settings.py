@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     dimse_timeout: float = Field(60, gt=0, description="seconds to wait for DIMSE messages")
     network_timeout: float = Field(60, gt=0, description="seconds without network activity before closing "
                                    "(not counted while a C-STORE is being stored)")
+    stop_grace: float = Field(5, ge=0, description="on stop: seconds open associations get to end on their own "
+                              "before they are aborted")
     workers: int = Field(1, ge=1, le=64, description="processes receiving associations on the DICOM port(s); more "
                          "than 1 lets parallel associations use several CPU cores")
     event_driven_transport: bool = Field(

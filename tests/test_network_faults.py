@@ -264,9 +264,7 @@ def test_stop_aborts_associations_still_open_after_the_grace(tmp_path: Path, sta
     time with no DUL thread left (pynetdicom's are not daemons: one left would keep the process alive), and
     what they acknowledged is published."""
     first, second = instance(tmp_path / "g"), instance(tmp_path / "g")
-    scp = StorageSCP(tmp_path / "data", event_driven_transport=not stock).start()
-    listener = scp._server.listener  # type: ignore[union-attr]
-    listener.options = dataclasses.replace(listener.options, stop_grace=0.5)
+    scp = StorageSCP(tmp_path / "data", event_driven_transport=not stock, stop_grace=0.5).start()
     assoc = RawAssociation(scp.port, CT_CONTEXT, timeout=10)
     assert assoc.c_store(1, CT_IMAGE_STORAGE.encode(), first.sop.encode(), first.data).status == 0x0000
     if stalled:
