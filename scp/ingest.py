@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import zlib
 from collections.abc import Iterator
@@ -91,27 +92,37 @@ class _SopLocks:
     an acknowledged instance is lost, or the row describes the other copy's file. Different instances
     rarely share a stripe, so parallel associations still store in parallel.
 
-    With receiver processes (``workers``) the stripe is also locked across processes: a one-byte POSIX
-    record lock at the stripe's offset in ``shared_file``. Such locks belong to the process, not the thread,
-    so the thread lock is taken first. The stripe comes from CRC-32 (``hash()`` differs between processes).
+    With receiver processes (``workers``) the stripe is also locked across processes: a one-byte
+    open-file-description lock (Linux ``F_OFD_SETLKW``) at the stripe's offset in ``shared_file``. Not a
+    classic POSIX record lock: those belong to the process, and the kernel's deadlock check then sees two
+    processes, each with one thread holding a stripe and another waiting for the other's, as a deadlock
+    (``EDEADLK``, a store answered 0x0110) where none exists, since a thread never holds two stripes; and
+    closing any other descriptor of the file would drop them. The descriptor is shared by this process's
+    threads, so the thread lock is taken first. The stripe comes from CRC-32 (``hash()`` differs between
+    processes). Only the server creates the file (``create``): a receiver started after it was deleted
+    fails loudly instead of locking a file nobody else locks.
     """
 
-    def __init__(self, stripes: int = _SOP_LOCK_STRIPES, shared_file: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, stripes: int = _SOP_LOCK_STRIPES, shared_file: str | os.PathLike[str] | None = None,
+                 create: bool = True) -> None:
         self._locks = [threading.Lock() for _ in range(stripes)]
-        self._fd = os.open(shared_file, os.O_RDWR | os.O_CREAT, 0o644) if shared_file is not None else None
+        self._fd: int | None = None
+        if shared_file is not None:
+            self._fd = os.open(shared_file, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
 
     @contextlib.contextmanager
     def __call__(self, sop_uid: str) -> Iterator[None]:
         stripe = zlib.crc32(sop_uid.encode()) % len(self._locks)
         with self._locks[stripe]:
-            if self._fd is None:
+            fd = self._fd
+            if fd is None:
                 yield
                 return
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, stripe)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_WRLCK, stripe))
             try:
                 yield
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, stripe)
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, stripe))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -119,19 +130,26 @@ class _SopLocks:
             self._fd = None
 
 
+def _flock(kind: int, offset: int) -> bytes:
+    """A ``struct flock`` for one byte at ``offset`` (Linux, 64-bit ``off_t``; l_pid 0 as OFD locks require)."""
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
+
+
 class Ingest:
     """Turns a fully received dataset file into a stored, indexed instance."""
 
     def __init__(self, store: Store, index: Index, metrics: Metrics | None = None, *,
                  min_free_bytes: int = 0, max_instance_bytes: int = 0,
-                 duplicate_policy: DuplicatePolicy = "replace", shared_lock_file: str | None = None) -> None:
+                 duplicate_policy: DuplicatePolicy = "replace", shared_lock_file: str | None = None,
+                 create_lock_file: bool = True) -> None:
         self.store = store
         self.index = index
         self.metrics = metrics or Metrics()
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
         self.duplicate_policy = duplicate_policy
-        self._sop_lock = _SopLocks(shared_file=shared_lock_file)  # a file: stores by other processes too
+        # with a file: stores by other processes are serialised too (see _SopLocks)
+        self._sop_lock = _SopLocks(shared_file=shared_lock_file, create=create_lock_file)
 
     def close(self) -> None:
         """Let go of the shared lock file (nothing else is held between stores)."""

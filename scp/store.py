@@ -88,8 +88,8 @@ class Store:
         self._fsync = fsync
         self._root = str(self.data_dir)
         self._dirs_lock = threading.Lock()
-        # (path, inode) of study/series directories whose entries this process has made durable (see _ready_dir)
-        self._durable_dirs: set[tuple[str, int]] = set()
+        # series directories whose entries up to studies/ this process has made durable (see _ready_dir)
+        self._durable_dirs: dict[str, tuple[int, int, int]] = {}
         for directory in (self.data_dir, self.studies_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -213,39 +213,49 @@ class Store:
         ``studies/`` survive a power cut before a file placed in it is acknowledged.
 
         A directory counts as durable once this process has fsync'ed the parents of it and of its study
-        directory; it is remembered by path and inode (one removed and made again is another). A directory
-        found made by another thread or process, whose maker may not have fsync'ed its parent yet, gets its
-        parents fsync'ed here first: once per directory and process.
+        directory, for as long as it is the same directory (see :func:`_identity`). A directory found made by
+        another thread or process, whose maker may not have fsync'ed its parent yet, gets its parents
+        fsync'ed here first: once per directory and process.
         """
-        try:
-            inode = os.stat(directory).st_ino
-        except FileNotFoundError:
-            inode = None
-        if inode is not None and (not self._fsync or (directory, inode) in self._durable_dirs):
+        if not self._fsync:
+            if not os.path.isdir(directory):
+                self._make_dirs(directory)
             return
-        self._make_dirs(directory)
+        try:
+            identity = _identity(directory)
+        except FileNotFoundError:
+            identity = None
+        if identity is None or self._durable_dirs.get(directory) != identity:
+            self._make_dirs(directory)
 
     def _make_dirs(self, directory: str) -> None:
-        """Create what is missing of the study/series directories and fsync the parent of each (one thread at
-        a time); then remember them as durable."""
-        chain = [directory, os.path.dirname(directory)]  # series, then study; their parents get fsync'ed
+        """Create what is missing of the study/series directories and, when durable, fsync the parent of
+        each (one thread at a time); then remember the series directory as durable."""
+        study = os.path.dirname(directory)
         with self._dirs_lock:
-            inodes = []
-            for path in reversed(chain):
+            for path in (study, directory):
                 try:
                     os.mkdir(path)
                 except FileExistsError:
                     pass  # made by another thread or process: its entry may not be durable yet either
-                inodes.append(os.stat(path).st_ino)
             if not self._fsync:
                 return
-            if all((path, inode) in self._durable_dirs for path, inode in zip(reversed(chain), inodes)):
+            if self._durable_dirs.get(directory) == _identity(directory):
                 return  # another thread did it while this one waited for the lock
-            for path in reversed(chain):
-                fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(study))
+            fsync_dir(study)
             if len(self._durable_dirs) > _DURABLE_DIRS_REMEMBERED:
                 self._durable_dirs.clear()  # forgetting costs an fsync of two parents per directory, once
-            self._durable_dirs.update(zip(reversed(chain), inodes))
+            self._durable_dirs[directory] = _identity(directory)
+
+
+def _identity(series: str) -> tuple[int, int, int]:
+    """What tells a series directory from one removed and made again at the same path (a retention job, a
+    restore): inode numbers alone do not, ext4 hands a freed one out again at once; the study directory's
+    change time does, as it moves whenever a series directory in it is made or removed (and a study
+    directory made again has its own)."""
+    study = os.stat(os.path.dirname(series))
+    return os.stat(series).st_ino, study.st_ino, study.st_ctime_ns
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -297,7 +297,8 @@ def main() -> int:
     index = Index(store.data_dir / INDEX_FILE)
     ingest = Ingest(store, index, metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
                     max_instance_bytes=settings.max_instance_size_mb * 2**20,
-                    duplicate_policy=settings.duplicate_policy, shared_lock_file=str(store.data_dir / SOP_LOCK_FILE))
+                    duplicate_policy=settings.duplicate_policy, shared_lock_file=str(store.data_dir / SOP_LOCK_FILE),
+                    create_lock_file=False)  # the server made it: one deleted since would lock nothing
     server = _ServerPipe(assignment.report_fd, metrics)
     sockets = tuple(socket.socket(fileno=fd) for fd in assignment.socket_fds)
     listener = Listener(listener_options(settings, sockets=sockets), ingest, on_end=server.report)

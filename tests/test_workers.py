@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -213,6 +214,44 @@ def test_stores_of_one_sop_instance_are_serialised_across_processes(tmp_path: Pa
     assert float(same_line.split()[1]) >= 0.4, same_line  # waited for this process's store of that instance
 
 
+def test_two_processes_each_holding_one_stripe_and_waiting_for_the_others_both_go_on(tmp_path: Path) -> None:
+    """No thread holds two stripes, so there is no deadlock; process-owned record locks made the kernel say
+    there was one (EDEADLK: the store answered 0x0110). Each process holds one stripe in one thread for a while
+    and asks for the other's in a second thread."""
+    lock_file = tmp_path / "sop.lock"
+    first = "1.2.3.1"
+    second = next(f"1.2.3.{n}" for n in range(2, 1000)
+                  if zlib.crc32(f"1.2.3.{n}".encode()) % 256 != zlib.crc32(first.encode()) % 256)
+    probe = textwrap.dedent(f"""
+        import sys, threading, time
+        from scp.ingest import _SopLocks
+        locks = _SopLocks(shared_file={str(lock_file)!r})
+        mine, other, delay, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+        time.sleep(max(0.0, start_at - time.time()))  # both processes imported and ready: start together
+        def hold():
+            with locks(mine):
+                time.sleep(1.5)
+        def ask():
+            time.sleep(delay)
+            started = time.monotonic()
+            with locks(other):
+                print(f"waited {{time.monotonic() - started:.2f}}", flush=True)
+        threads = [threading.Thread(target=hold), threading.Thread(target=ask)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    """)
+    start_at = str(time.time() + 3)
+    children = [subprocess.Popen([sys.executable, "-c", probe, mine, other, delay, start_at],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for mine, other, delay in ((first, second, "0.3"), (second, first, "0.6"))]
+    outputs = [child.communicate(timeout=30) for child in children]
+    for (out, err), child in zip(outputs, children):
+        assert child.returncode == 0 and out.startswith("waited"), err
+        assert float(out.split()[1]) >= 0.5  # and it did wait for the other process's stripe
+
+
 def test_a_directory_made_by_another_process_is_made_durable_before_a_file_in_it_counts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     durable = Store(tmp_path / "durable", fsync=True)
@@ -233,6 +272,14 @@ def test_a_directory_made_by_another_process_is_made_durable_before_a_file_in_it
     temp.write_bytes(source.read_bytes())
     durable.commit(temp, header)  # known durable now: only the file's own directory
     assert fsynced == [series_dir]
+
+    for _ in range(3):  # removed and made again elsewhere (a retention job, a restore); ext4 reuses the inodes
+        shutil.rmtree(durable.studies_dir / STUDY)
+        series_dir.mkdir(parents=True)
+        fsynced.clear()
+        temp.write_bytes(source.read_bytes())
+        durable.commit(temp, header)
+        assert {durable.studies_dir, durable.studies_dir / STUDY, series_dir} <= set(fsynced)
 
 
 def test_each_process_admits_its_share_of_max_associations() -> None:
