@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,21 +144,26 @@ def _serve(settings: Settings) -> int:
     from scp.workers import ReceiverFailed
 
     server = Server(settings)
+    stop_requested = threading.Event()
 
-    def stop(signum: int, _frame: Any) -> None:
+    def request_stop(signum: int, _frame: Any) -> None:
+        # Only a flag: the handler runs on the main thread wherever it is, e.g. inside the index's lock during
+        # start-up reconciliation, where stopping (which closes the index) would wait for ever.
         log.info("signal %d: stopping", signum)
-        server.stop()
+        stop_requested.set()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
         server.start()
     except (DataDirInUse, StoreLooksEmpty, ReceiverFailed) as exc:
         print(f"imagingstudy-scp: {exc}", file=sys.stderr)
         return 1
-    log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,
-             server.port, settings.fhir_version or "R6 (FHIR servers: their own)", settings.data_dir)
-    server.wait()
+    if not stop_requested.is_set():
+        log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,
+                 server.port, settings.fhir_version or "R6 (FHIR servers: their own)", settings.data_dir)
+    stop_requested.wait()
+    server.stop()
     return 0
 
 

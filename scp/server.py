@@ -138,8 +138,10 @@ class Server:
             stopper.join()
 
     def _publish_unpublished(self) -> None:
-        """A receiver process died: queue what it acknowledged on associations that never reached their end."""
+        """A receiver process died: queue what it acknowledged on associations that never reached their end,
+        and withdraw a study it left empty (its last instance moved to another study)."""
         self.publisher.resume(self.index.unpublished_studies())
+        self.publisher.withdraw_emptied()
 
     def wait(self) -> None:
         self._stopped.wait()

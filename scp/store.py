@@ -53,8 +53,9 @@ class DataDirLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise DataDirInUse(f"{self.path.parent} is in use by process {holder} (a running server?); "
-                               "stop it first") from None
+            raise DataDirInUse(f"{self.path.parent} is in use by process {holder} (a running server?) or by "
+                               "its receiver processes (`workers`), which end a few seconds after it; stop it "
+                               "first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -127,14 +128,22 @@ class Receivers:
             if receiver.process.poll() is None:
                 log.warning("receiver process %d did not stop in %g s: killed", receiver.process.pid, timeout)
                 receiver.process.kill()
-                receiver.process.wait(5)
+                try:
+                    receiver.process.wait(5)
+                except subprocess.TimeoutExpired:  # in the kernel (a hung disk): it goes when it can
+                    log.error("receiver process %d still there after SIGKILL", receiver.process.pid)
 
     def _spawn(self, slot: int) -> None:
         read_fd, write_fd = os.pipe()
         socket_fds = tuple(s.fileno() for s in self._sockets)
         try:
+            # its own process group: a terminal's Ctrl-C reaches the server only, which stops its receivers
             process = subprocess.Popen([sys.executable, "-m", "scp.workers"], stdin=subprocess.PIPE,
-                                       pass_fds=(*socket_fds, self._lock_fd, write_fd), env=_child_environment())
+                                       pass_fds=(*socket_fds, self._lock_fd, write_fd), env=_child_environment(),
+                                       process_group=0)
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         assert process.stdin is not None
@@ -166,20 +175,28 @@ class Receivers:
         log.error("receiver process %d (pid %d) ended with status %s: its open associations are lost to their "
                   "senders (nothing it acknowledged is); starting another", receiver.slot + 1,
                   receiver.process.pid, status)
-        _remove_spare_files(Path(self._settings.data_dir) / "tmp", receiver.process.pid)
+        _remove_temp_files(Path(self._settings.data_dir) / "tmp", receiver.process.pid)
         try:
             self._on_lost()
         except Exception:  # noqa: BLE001 - the next start publishes what this could not queue
             log.exception("while queueing the studies of a lost receiver process")
         if time.monotonic() - receiver.started > _STABLE_AFTER:
             self._restarts[receiver.slot] = 0
-        delay = _RESTART_DELAYS[min(self._restarts[receiver.slot], len(_RESTART_DELAYS) - 1)]
-        self._restarts[receiver.slot] += 1
-        if not self._stopping.wait(delay):
+        self._start_again(receiver.slot)
+
+    def _start_again(self, slot: int) -> None:
+        """Start the slot's receiver again after the backoff; a start that fails (out of file descriptors or
+        memory, say) counts as one more death and is tried again later."""
+        while True:
+            delay = _RESTART_DELAYS[min(self._restarts[slot], len(_RESTART_DELAYS) - 1)]
+            self._restarts[slot] += 1
+            if self._stopping.wait(delay):
+                return
             try:
-                self._spawn(receiver.slot)
-            except Exception:  # noqa: BLE001 - e.g. out of file descriptors: /readyz says it is missing
-                log.exception("cannot start receiver process %d again", receiver.slot + 1)
+                self._spawn(slot)
+                return
+            except Exception:  # noqa: BLE001 - /readyz says it is missing meanwhile
+                log.exception("cannot start receiver process %d again; trying later", slot + 1)
 
     def _deliver(self, receiver: _Receiver, line: bytes) -> None:
         try:
@@ -206,13 +223,19 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
-def _remove_spare_files(tmp_dir: Path, pid: int) -> None:
+def _temp_prefix(pid: int) -> str:
+    """The name prefix of the temp files pynetdicom's own receive (``--stock-transport``) makes in a receiver."""
+    return f"tmp-{pid}-"
+
+
+def _remove_temp_files(tmp_dir: Path, pid: int) -> None:
     """A dead receiver's temp files (its spare files, the datasets it was receiving); the next start would too."""
-    for path in tmp_dir.glob(f"spare-{pid}-*"):
-        try:
-            path.unlink()
-        except OSError:
-            pass
+    for pattern in (f"spare-{pid}-*", f"{_temp_prefix(pid)}*"):
+        for path in tmp_dir.glob(pattern):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 def _close_quietly(stream: IO[bytes] | None) -> None:
@@ -285,8 +308,9 @@ def main() -> int:
     settings = assignment.settings
     logs.configure(settings.log_level, settings.log_format)
     stop = threading.Event()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the server decides
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGTERM, signal.SIGINT):  # from a supervisor signalling every process: stop, as asked
+        signal.signal(signum, lambda *_: stop.set())
+    tempfile.template = _temp_prefix(os.getpid())  # pynetdicom's own receive: removable if this process dies
     threading.Thread(target=_stop_at_end_of_input, args=(sys.stdin.buffer, stop), name="server watch",
                      daemon=True).start()
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from pathlib import Path
 import pydicom
 
 from conftest import RunningSCP, temp_leftovers, wait_for
-from dicom_factory import GeneratedStudy, dataset_bytes, make_study
+from dicom_factory import GeneratedStudy, dataset_bytes, make_instance, make_study
 from fault_scu import NO_RESPONSE, connect, contexts_of, send
 from scp.header import read_header
 
@@ -269,3 +272,36 @@ def test_sigkill_during_sends_loses_no_acknowledged_instance(tmp_path: Path) -> 
     assert totals.trials == TRIALS
     assert totals.acknowledged > 0 and totals.verified == totals.acknowledged
     assert totals.killed_mid_send >= TRIALS // 2, "most kills should land while the send is still running"
+
+
+def test_sigterm_during_start_up_reconciliation_stops_the_server_once_it_is_done(tmp_path: Path) -> None:
+    """The signal handler used to stop the server itself, on the main thread, which was inside the index's
+    lock reconciling: closing the index then waited for that lock for ever. Thousands of files the index
+    does not know (a lost index) make a reconciliation long enough to signal in the middle of it."""
+    data_dir = tmp_path / "data"
+    template = make_instance(tmp_path / "template.dcm", study_uid="1.2.3.900", series_uid="1.2.3.900.1",
+                             sop_uid="1.2.3.900.1.100000").read_bytes()
+    series = data_dir / "studies" / "1.2.3.900" / "1.2.3.900.1"
+    series.mkdir(parents=True)
+    for number in range(100_000, 106_000):  # same-length UIDs: the bytes change, the lengths do not
+        sop = f"1.2.3.900.1.{number}"
+        (series / f"{sop}.dcm").write_bytes(template.replace(b"1.2.3.900.1.100000", sop.encode()))
+    server = RunningSCP(data_dir)
+    server.log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(server.log_path, "ab")
+    process = subprocess.Popen([sys.executable, "-m", "scp", "serve", "--host", "127.0.0.1", "--port", "0",
+                                "--data-dir", str(data_dir)], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        wait_for(lambda: "indexed studies/" in server.log(), 30, what="reconciliation to begin")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, server.log()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    restarted = RunningSCP(data_dir).start()
+    try:
+        assert restarted.wait_for_study("1.2.3.900", instances=6000, timeout=60)["numberOfInstances"] == 6000
+    finally:
+        assert restarted.stop() == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import ssl
@@ -162,6 +163,51 @@ def test_a_receiver_that_dies_is_replaced_and_what_it_acknowledged_is_published(
     server.wait_for_study(read_header(files[1]).study_uid, instances=1)
 
 
+def test_a_study_left_empty_by_a_move_on_a_receiver_that_dies_is_withdrawn(
+        scp_factory: Callable[..., RunningSCP], tmp_path: Path) -> None:
+    """The association that moved an instance never ends, so it never queues the emptied study: without the
+    withdrawal at the receiver's death one instance stayed published in two studies until the next start."""
+    server, receiver = start_with_receivers(scp_factory)
+    sop = f"{STUDY}.9.9"
+    (tmp_path / "src").mkdir()
+    old = make_instance(tmp_path / "src" / "old.dcm", study_uid=f"{STUDY}.1", series_uid=f"{STUDY}.1.1",
+                        sop_uid=sop)
+    new = make_instance(tmp_path / "src" / "new.dcm", study_uid=f"{STUDY}.2", series_uid=f"{STUDY}.2.1",
+                        sop_uid=sop)
+    first = associate(server.port, [old])
+    assert store(first, old) == 0x0000
+    first.release()
+    server.wait_for_study(f"{STUDY}.1", instances=1)
+    on_receiver, on_server = associations_on_both(server.port, [new], receiver)
+    assert store(on_receiver[0], new) == 0x0000  # moved to the other study, on the receiver
+
+    os.kill(receiver, signal.SIGKILL)
+    server.wait_for_study(f"{STUDY}.2", instances=1)
+    wait_for(lambda: not server.study_path(f"{STUDY}.1").exists(), 15, what="the emptied study withdrawn")
+    for assoc in on_server:
+        assoc.release()
+
+
+def test_a_receiver_that_cannot_be_started_again_at_once_is_started_later(
+        scp_factory: Callable[..., RunningSCP]) -> None:
+    """Out of file descriptors when a receiver dies: its first restart fails; it is tried again (it was not)."""
+    server, receiver = start_with_receivers(scp_factory)
+    assert server.process is not None
+    pid = server.process.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (highest + 1, limits[1]))  # no new pipe can be made
+    try:
+        os.kill(receiver, signal.SIGKILL)
+        wait_for(lambda: "cannot start receiver process 1 again" in server.log(), 15, what="a failed restart")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    wait_for(lambda: len(re.findall(r"receiver process 1 started", server.log())) == 2, 30,
+             what="the receiver started again")
+    echo = associate(server.port)
+    echo.release()
+
+
 def test_killing_the_server_process_ends_its_receivers_and_the_next_start_publishes_their_studies(
         scp_factory: Callable[..., RunningSCP], tmp_path: Path) -> None:
     server, receiver = start_with_receivers(scp_factory, "--outbox-initial-delay", "60")
@@ -185,6 +231,29 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_ctrl_c_while_the_receivers_start_stops_the_server_cleanly(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C goes to the whole foreground process group. It used to kill receivers still starting
+    (a traceback, and the server exited 1 saying a receiver did not start); they now have their own group, and
+    the server stops them once it has started."""
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "scp", "serve", "--host", "127.0.0.1", "--port", "0",
+                                   "--data-dir", str(tmp_path / "data"), "--workers", "2"],
+                                  stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        wait_for(lambda: "receiver process 1 started" in log_path.read_text(), 30, what="the receiver to start")
+        os.killpg(server.pid, signal.SIGINT)  # as a terminal does: to the group
+        assert server.wait(30) == 0, log_path.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    text = log_path.read_text()
+    receiver = int(re.findall(r"receiver process 1 started \(pid (\d+)\)", text)[0])
+    wait_for(lambda: not Path(f"/proc/{receiver}").exists() or _zombie(receiver), 15, what="the receiver to end")
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
 
 
 def test_stores_of_one_sop_instance_are_serialised_across_processes(tmp_path: Path) -> None:
