@@ -53,6 +53,7 @@ log = logging.getLogger("scp.association")
 
 STOP_GRACE = 5.0  # seconds open associations get to end on their own when the server stops
 _BUSY_ACCEPT_DELAY = 0.002  # seconds per open association before accepting on a shared socket
+_FULL_ACCEPT_DELAY = 0.1  # ... and when this process has no association to spare
 _ABORT_WAIT = 3.0  # seconds aborted associations get to wind down (their reports to reach on_end)
 
 # Process-wide pynetdicom switches (a server process has one store):
@@ -156,7 +157,9 @@ def _server_class(adopted: socket.socket | None, shared_accept: bool) -> type[_S
             """Every process sharing the socket is woken for a connection and the first to accept takes it:
             one with associations open waits a little first, so an idle process takes it (balance)."""
             busy = len(self.active_associations)
-            if busy:
+            if busy >= self.ae.maximum_associations:
+                time.sleep(_FULL_ACCEPT_DELAY)  # it would reject: let one with room take it
+            elif busy:
                 time.sleep(min(busy, 10) * _BUSY_ACCEPT_DELAY)
             return super().get_request()
 

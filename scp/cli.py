@@ -10,7 +10,7 @@ import argparse
 import logging
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from scp import logs
 from scp.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("scp")
+
+_STOP_POLL = 0.2  # seconds between the main thread's looks at whether a signal asked it to stop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,25 +146,33 @@ def _serve(settings: Settings) -> int:
     from scp.workers import ReceiverFailed
 
     server = Server(settings)
-    stop_requested = threading.Event()
+    stop_requested: list[int] = []
 
     def request_stop(signum: int, _frame: Any) -> None:
-        # Only a flag: the handler runs on the main thread wherever it is, e.g. inside the index's lock during
-        # start-up reconciliation, where stopping (which closes the index) would wait for ever.
-        log.info("signal %d: stopping", signum)
-        stop_requested.set()
+        # Only a note, no lock, no stopping here: the handler runs on the main thread wherever it is, e.g. inside
+        # the index's lock during start-up reconciliation, where stopping (which closes the index) would wait for
+        # ever, or inside an Event's own lock (Event.set would too).
+        stop_requested.append(signum)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
         server.start()
-    except (DataDirInUse, StoreLooksEmpty, ReceiverFailed) as exc:
+    except ReceiverFailed as exc:
+        if stop_requested:  # systemd signals every process: a receiver still starting ended as asked
+            log.info("signal %d: stopped while starting", stop_requested[0])
+            return 0
         print(f"imagingstudy-scp: {exc}", file=sys.stderr)
         return 1
-    if not stop_requested.is_set():
+    except (DataDirInUse, StoreLooksEmpty) as exc:
+        print(f"imagingstudy-scp: {exc}", file=sys.stderr)
+        return 1
+    if not stop_requested:
         log.info("imagingstudy-scp serving %s on %s:%d, ImagingStudy %s, data in %s", settings.aet, settings.host,
                  server.port, settings.fhir_version or "R6 (FHIR servers: their own)", settings.data_dir)
-    stop_requested.wait()
+    while not stop_requested:
+        time.sleep(_STOP_POLL)
+    log.info("signal %d: stopping", stop_requested[0])
     server.stop()
     return 0
 

@@ -54,7 +54,7 @@ class DataDirLock:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise DataDirInUse(f"{self.path.parent} is in use by process {holder} (a running server?) or by "
-                               "its receiver processes (`workers`), which end a few seconds after it; stop it "
+                               "its receiver processes (`workers`), which end soon after it; stop it "
                                "first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -241,13 +241,14 @@ class Store:
                     pass  # made by another thread or process: its entry may not be durable yet either
             if not self._fsync:
                 return
-            if self._durable_dirs.get(directory) == _identity(directory):
+            identity = _identity(directory)  # before the fsyncs: one made again meanwhile is not taken for it
+            if self._durable_dirs.get(directory) == identity:
                 return  # another thread did it while this one waited for the lock
             fsync_dir(os.path.dirname(study))
             fsync_dir(study)
             if len(self._durable_dirs) > _DURABLE_DIRS_REMEMBERED:
                 self._durable_dirs.clear()  # forgetting costs an fsync of two parents per directory, once
-            self._durable_dirs[directory] = _identity(directory)
+            self._durable_dirs[directory] = identity
 
 
 def _identity(series: str) -> tuple[int, int, int]:

@@ -50,6 +50,7 @@ log = logging.getLogger("scp.workers")
 SOP_LOCK_FILE = "sop.lock"  # in the data dir: the cross-process locks of stores of one SOP Instance UID
 COUNTERS_EVERY = 1.0  # seconds between a receiver's counter updates to the server (also sent with each report)
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # before starting again a receiver that died (n-th time in a row)
+_STOP_POLL = 0.2  # seconds between a receiver's looks at whether to stop
 _READY_TIMEOUT = 60.0  # seconds a receiver may take to start accepting (imports, index)
 _STABLE_AFTER = 60.0  # seconds a receiver must have run for its restarts to count from the first delay again
 
@@ -122,8 +123,16 @@ class Receivers:
         for receiver in receivers:
             _close_quietly(receiver.process.stdin)
         deadline = time.monotonic() + timeout
-        for relay in list(self._relays):
-            relay.join(max(0.0, deadline - time.monotonic()))
+        joined: set[threading.Thread] = set()
+        while True:  # again for a receiver started while this waited (it was told to stop at once)
+            with self._lock:
+                relays = [relay for relay in self._relays if relay not in joined]
+                receivers = list(self._receivers.values())
+            if not relays:
+                break
+            for relay in relays:
+                relay.join(max(0.0, deadline - time.monotonic()))
+                joined.add(relay)
         for receiver in receivers:
             if receiver.process.poll() is None:
                 log.warning("receiver process %d did not stop in %g s: killed", receiver.process.pid, timeout)
@@ -230,12 +239,12 @@ def _temp_prefix(pid: int) -> str:
 
 def _remove_temp_files(tmp_dir: Path, pid: int) -> None:
     """A dead receiver's temp files (its spare files, the datasets it was receiving); the next start would too."""
-    for pattern in (f"spare-{pid}-*", f"{_temp_prefix(pid)}*"):
-        for path in tmp_dir.glob(pattern):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+    try:
+        for pattern in (f"spare-{pid}-*", f"{_temp_prefix(pid)}*"):
+            for path in tmp_dir.glob(pattern):
+                path.unlink(missing_ok=True)
+    except OSError as exc:  # e.g. out of file descriptors: the next start removes them
+        log.warning("cannot remove the temp files of receiver pid %d: %s", pid, exc)
 
 
 def _close_quietly(stream: IO[bytes] | None) -> None:
@@ -264,7 +273,7 @@ class _ServerPipe:
     """The receiver's side of the pipe: association reports and counter increments, one JSON line each."""
 
     def __init__(self, fd: int, metrics: Metrics) -> None:
-        self._file = open(fd, "wb", buffering=0)  # noqa: SIM115 - open for the process's life
+        self._file = open(fd, "wb")  # noqa: SIM115 - open for the process's life; buffered: whole lines
         self._metrics = metrics
         self._sent: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -289,6 +298,7 @@ class _ServerPipe:
             self._sent = current
             try:
                 self._file.write(orjson.dumps({**message, "counters": increments}) + b"\n")
+                self._file.flush()
             except OSError as exc:
                 if not self._broken:
                     log.error("cannot reach the server process (%s): what is stored here is published at the "
@@ -296,10 +306,10 @@ class _ServerPipe:
                 self._broken = True
 
 
-def _stop_at_end_of_input(stream: IO[bytes], stop: threading.Event) -> None:
+def _stop_at_end_of_input(stream: IO[bytes], stop: list[str]) -> None:
     while stream.read(4096):
         pass
-    stop.set()
+    stop.append("end of input")
 
 
 def main() -> int:
@@ -307,9 +317,9 @@ def main() -> int:
     assignment: _Assignment = pickle.load(sys.stdin.buffer)
     settings = assignment.settings
     logs.configure(settings.log_level, settings.log_format)
-    stop = threading.Event()
+    stop: list[str] = []  # why to stop; a plain list: a signal handler must not take a lock (Event.set does)
     for signum in (signal.SIGTERM, signal.SIGINT):  # from a supervisor signalling every process: stop, as asked
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda number, _frame: stop.append(f"signal {number}"))
     tempfile.template = _temp_prefix(os.getpid())  # pynetdicom's own receive: removable if this process dies
     threading.Thread(target=_stop_at_end_of_input, args=(sys.stdin.buffer, stop), name="server watch",
                      daemon=True).start()
@@ -326,10 +336,15 @@ def main() -> int:
     server = _ServerPipe(assignment.report_fd, metrics)
     sockets = tuple(socket.socket(fileno=fd) for fd in assignment.socket_fds)
     listener = Listener(listener_options(settings, sockets=sockets), ingest, on_end=server.report)
-    listener.start()
-    server.ready()
-    while not stop.wait(COUNTERS_EVERY):
-        server.counters()
+    if not stop:  # a receiver started again as the server stops is told at once: it must not accept
+        listener.start()
+        server.ready()
+    next_counters = time.monotonic() + COUNTERS_EVERY
+    while not stop:
+        time.sleep(_STOP_POLL)
+        if time.monotonic() >= next_counters:
+            server.counters()
+            next_counters += COUNTERS_EVERY
     listener.stop()
     server.counters()
     ingest.close()

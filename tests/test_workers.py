@@ -195,8 +195,9 @@ def test_a_receiver_that_cannot_be_started_again_at_once_is_started_later(
     assert server.process is not None
     pid = server.process.pid
     limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    highest = max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (highest + 1, limits[1]))  # no new pipe can be made
+    open_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = next(n for n in range(len(open_fds) + 1) if n not in open_fds)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, limits[1]))  # no new descriptor at all
     try:
         os.kill(receiver, signal.SIGKILL)
         wait_for(lambda: "cannot start receiver process 1 again" in server.log(), 15, what="a failed restart")
@@ -233,10 +234,12 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def test_ctrl_c_while_the_receivers_start_stops_the_server_cleanly(tmp_path: Path) -> None:
-    """A terminal's Ctrl-C goes to the whole foreground process group. It used to kill receivers still starting
-    (a traceback, and the server exited 1 saying a receiver did not start); they now have their own group, and
-    the server stops them once it has started."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm to every process"])
+def test_a_stop_while_the_receivers_start_stops_the_server_cleanly(tmp_path: Path, how: str) -> None:
+    """A terminal's Ctrl-C goes to the whole foreground process group, and systemd's stop sends SIGTERM to every
+    process of the service. Either killed receivers still starting, and the server exited 1 saying a receiver
+    did not start. Receivers now have their own process group, and a start that fails because a stop was asked
+    ends as a stop: status 0."""
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "scp", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -244,7 +247,12 @@ def test_ctrl_c_while_the_receivers_start_stops_the_server_cleanly(tmp_path: Pat
                                   stdout=log, stderr=subprocess.STDOUT, process_group=0)
     try:
         wait_for(lambda: "receiver process 1 started" in log_path.read_text(), 30, what="the receiver to start")
-        os.killpg(server.pid, signal.SIGINT)  # as a terminal does: to the group
+        if how == "ctrl-c":
+            os.killpg(server.pid, signal.SIGINT)  # as a terminal does: to the group
+        else:
+            os.kill(server.pid, signal.SIGTERM)
+            os.kill(int(re.findall(r"receiver process 1 started \(pid (\d+)\)", log_path.read_text())[0]),
+                    signal.SIGTERM)
         assert server.wait(30) == 0, log_path.read_text()
     finally:
         if server.poll() is None:
@@ -266,9 +274,8 @@ def test_stores_of_one_sop_instance_are_serialised_across_processes(tmp_path: Pa
         from scp.ingest import _SopLocks
         locks = _SopLocks(shared_file={str(lock_file)!r})
         for sop in sys.argv[1:]:
-            started = time.monotonic()
             with locks(sop):
-                print(f"{{sop}} {{time.monotonic() - started:.3f}}", flush=True)
+                print(f"{{sop}} {{time.monotonic()!r}}", flush=True)  # when it got the stripe (one clock for all)
     """)
     with locks("1.2.3.1"):
         child = subprocess.Popen([sys.executable, "-c", probe, other_sop, "1.2.3.1"], stdout=subprocess.PIPE,
@@ -276,11 +283,12 @@ def test_stores_of_one_sop_instance_are_serialised_across_processes(tmp_path: Pa
         assert child.stdout is not None
         other_line = child.stdout.readline()  # another stripe: not held up
         time.sleep(0.5)
+        releasing_at = time.monotonic()
     same_line = child.stdout.readline()
     child.wait(10)
     locks.close()
-    assert float(other_line.split()[1]) < 0.3, other_line
-    assert float(same_line.split()[1]) >= 0.4, same_line  # waited for this process's store of that instance
+    assert float(other_line.split()[1]) < releasing_at, other_line
+    assert float(same_line.split()[1]) >= releasing_at, same_line  # waited for this process's store of it
 
 
 def test_two_processes_each_holding_one_stripe_and_waiting_for_the_others_both_go_on(tmp_path: Path) -> None:
@@ -311,7 +319,7 @@ def test_two_processes_each_holding_one_stripe_and_waiting_for_the_others_both_g
         for thread in threads:
             thread.join()
     """)
-    start_at = str(time.time() + 3)
+    start_at = str(time.time() + 5)  # both imported by then, even on a loaded machine
     children = [subprocess.Popen([sys.executable, "-c", probe, mine, other, delay, start_at],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for mine, other, delay in ((first, second, "0.3"), (second, first, "0.6"))]
