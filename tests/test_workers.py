@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 import scp.store
 from conftest import RunningSCP, free_port, wait_for
@@ -357,6 +359,27 @@ def test_a_directory_made_by_another_process_is_made_durable_before_a_file_in_it
         temp.write_bytes(source.read_bytes())
         durable.commit(temp, header)
         assert {durable.studies_dir, durable.studies_dir / STUDY, series_dir} <= set(fsynced)
+
+
+def test_max_associations_are_admitted_in_all_across_the_processes(scp_factory: Callable[..., RunningSCP],
+                                                                    tmp_path: Path) -> None:
+    """A process with no association to spare lets one with room accept: the limit holds for the whole server,
+    not for whichever process the kernel woke first (with more than 10 open each, both waited alike before
+    accepting, and refusals came at the 23rd or 24th of 24)."""
+    server, _receiver = start_with_receivers(scp_factory, "--max-associations", "24")
+    files = instances(tmp_path / "src", 1, 5)
+    held: list[Any] = []
+    try:
+        for _ in range(24):
+            held.append(associate(server.port, files))  # fails the test if refused
+
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        one_more = ae.associate("127.0.0.1", server.port, ae_title="IMAGINGSTUDY")
+        assert one_more.is_rejected  # the limit is still the limit
+    finally:
+        for assoc in held:
+            assoc.release()
 
 
 def test_each_process_admits_its_share_of_max_associations() -> None:
