@@ -40,6 +40,11 @@ class Metrics:
         self.outbox_dead = Gauge("imagingstudy_scp_outbox_dead", "Publications a sink refused for good "
                                  "(dead-lettered until `imagingstudy-scp outbox retry`)", registry=r)
 
+        # what receiver processes count (scp.workers), by family name: their increments are added here
+        self._receiving_counters = {family.name: counter for counter in (
+            self.associations, self.instances, self.bytes, self.store_failures, self.duplicates)
+            for family in counter.collect()}
+
     def counter_values(self) -> dict[str, float]:
         """Every counter's value, keyed by name and labels: what a receiver process reports to the server."""
         values: dict[str, float] = {}
@@ -52,12 +57,9 @@ class Metrics:
 
     def add_counts(self, increments: Mapping[str, float]) -> None:
         """Add increments keyed as :meth:`counter_values` keys them (a receiver process's, to the server's)."""
-        counters = {family.name: counter for counter in (self.associations, self.instances, self.bytes,
-                                                         self.store_failures, self.duplicates)
-                    for family in counter.collect()}
         for key, amount in increments.items():
             name, labels = orjson.loads(key)
-            counter = counters.get(name)
+            counter = self._receiving_counters.get(name)
             if counter is not None and amount > 0:
                 (counter.labels(**labels) if labels else counter).inc(amount)
 

@@ -45,10 +45,7 @@ class Server:
         self.index = Index(self.store.data_dir / INDEX_FILE)
         self.publisher = publisher_for(settings, self.index, self.metrics)
         self.metrics.track_queue(self.publisher.depth, self.publisher.oldest_age)
-        shared_lock = str(self.store.data_dir / SOP_LOCK_FILE) if settings.workers > 1 else None
-        self.ingest = Ingest(self.store, self.index, self.metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
-                             max_instance_bytes=settings.max_instance_size_mb * 2**20,
-                             duplicate_policy=settings.duplicate_policy, shared_lock_file=shared_lock)
+        self.ingest = ingest_for(settings, self.store, self.index, self.metrics)
         self.listener = Listener(listener_options(settings), self.ingest, on_end=self._association_ended)
         self.receivers: Receivers | None = None  # the other receiving processes, with workers > 1
         self.admin: AdminServer | None = None
@@ -129,8 +126,8 @@ class Server:
         associations the stop grace); their last reports reach the publisher before it stops."""
         stopper = None
         if self.receivers is not None:
-            grace = listener_options(self.settings).stop_grace
-            stopper = threading.Thread(target=self.receivers.stop, args=(grace + _RECEIVER_STOP_MARGIN,),
+            stopper = threading.Thread(target=self.receivers.stop,
+                                       args=(self.settings.stop_grace + _RECEIVER_STOP_MARGIN,),
                                        name="stop receivers")
             stopper.start()
         self.listener.stop()
@@ -142,9 +139,6 @@ class Server:
         and withdraw a study it left empty (its last instance moved to another study)."""
         self.publisher.resume(self.index.unpublished_studies())
         self.publisher.withdraw_emptied()
-
-    def wait(self) -> None:
-        self._stopped.wait()
 
     def __enter__(self) -> "Server":
         self.start()
@@ -229,6 +223,17 @@ def listener_options(settings: Settings, sockets: tuple[socket.socket, ...] = ()
         event_driven=settings.event_driven_transport, stop_grace=settings.stop_grace,
         shared_accept=settings.workers > 1, sockets=sockets,
     )
+
+
+def ingest_for(settings: Settings, store: Store, index: Index, metrics: Metrics, *,
+               lock_file_made: bool = False) -> Ingest:
+    """The storing step as the settings describe it, in the server or a receiver process (``lock_file_made``:
+    the server made ``sop.lock`` already; a receiver must not make another)."""
+    shared_lock = str(store.data_dir / SOP_LOCK_FILE) if settings.workers > 1 else None
+    return Ingest(store, index, metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
+                  max_instance_bytes=settings.max_instance_size_mb * 2**20,
+                  duplicate_policy=settings.duplicate_policy, shared_lock_file=shared_lock,
+                  create_lock_file=not lock_file_made)
 
 
 def mapping_options(settings: Settings) -> MappingOptions:

@@ -99,6 +99,11 @@ class TempFile:
             os.close(fd)
 
 
+def spare_prefix(pid: int) -> str:
+    """How the names of the spare files made by process ``pid`` begin (to remove those of a process that died)."""
+    return f"spare-{pid}-"
+
+
 class SpareFiles:
     """A pool of ``keep`` empty files in ``directory``, refilled by one daemon thread."""
 
@@ -110,7 +115,7 @@ class SpareFiles:
         self.writeback = writeback  # passed on to each TempFile (the store fsyncs)
         self._ready: collections.deque[tuple[str, int]] = collections.deque()
         self._names = itertools.count()
-        self._prefix = f"spare-{os.getpid()}-{id(self):x}-"
+        self._prefix = f"{spare_prefix(os.getpid())}{id(self):x}-"
         self._wanted = threading.Event()
         self._closed = False
         self._lock = threading.Lock()  # orders close() against a file being added

@@ -40,10 +40,10 @@ import scp
 from scp import logs
 from scp.association import AssociationReport, Listener
 from scp.index import INDEX_FILE, Index
-from scp.ingest import Ingest
 from scp.metrics import Metrics
 from scp.settings import Settings
-from scp.store import Store
+from scp.store import TMP, Store
+from scp.temp_files import spare_prefix
 
 log = logging.getLogger("scp.workers")
 
@@ -184,7 +184,7 @@ class Receivers:
         log.error("receiver process %d (pid %d) ended with status %s: its open associations are lost to their "
                   "senders (nothing it acknowledged is); starting another", receiver.slot + 1,
                   receiver.process.pid, status)
-        _remove_temp_files(Path(self._settings.data_dir) / "tmp", receiver.process.pid)
+        _remove_temp_files(Path(self._settings.data_dir) / TMP, receiver.process.pid)
         try:
             self._on_lost()
         except Exception:  # noqa: BLE001 - the next start publishes what this could not queue
@@ -240,7 +240,7 @@ def _temp_prefix(pid: int) -> str:
 def _remove_temp_files(tmp_dir: Path, pid: int) -> None:
     """A dead receiver's temp files (its spare files, the datasets it was receiving); the next start would too."""
     try:
-        for pattern in (f"spare-{pid}-*", f"{_temp_prefix(pid)}*"):
+        for pattern in (f"{spare_prefix(pid)}*", f"{_temp_prefix(pid)}*"):
             for path in tmp_dir.glob(pattern):
                 path.unlink(missing_ok=True)
     except OSError as exc:  # e.g. out of file descriptors: the next start removes them
@@ -324,15 +324,12 @@ def main() -> int:
     threading.Thread(target=_stop_at_end_of_input, args=(sys.stdin.buffer, stop), name="server watch",
                      daemon=True).start()
 
-    from scp.server import listener_options  # noqa: PLC0415 - the server module imports this one
+    from scp.server import ingest_for, listener_options  # noqa: PLC0415 - the server module imports this one
 
     metrics = Metrics()
     store = Store(settings.data_dir, fsync=settings.fsync)
     index = Index(store.data_dir / INDEX_FILE)
-    ingest = Ingest(store, index, metrics, min_free_bytes=settings.min_free_disk_mb * 2**20,
-                    max_instance_bytes=settings.max_instance_size_mb * 2**20,
-                    duplicate_policy=settings.duplicate_policy, shared_lock_file=str(store.data_dir / SOP_LOCK_FILE),
-                    create_lock_file=False)  # the server made it: one deleted since would lock nothing
+    ingest = ingest_for(settings, store, index, metrics, lock_file_made=True)  # one deleted since locks nothing
     server = _ServerPipe(assignment.report_fd, metrics)
     sockets = tuple(socket.socket(fileno=fd) for fd in assignment.socket_fds)
     listener = Listener(listener_options(settings, sockets=sockets), ingest, on_end=server.report)
